@@ -1,0 +1,46 @@
+# The two commands a fresh clone needs: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DB ?= data/fraudlens.duckdb
+PORT ?= 8501
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: run test install demo lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DB): | $(STAMP)
+	$(VENV)/bin/fraudlens demo --db $(DB)
+
+demo: $(DB)
+
+run: $(STAMP) $(DB)
+	$(VENV)/bin/fraudlens prepare --db $(DB)
+	FRAUDLENS_DB=$(DB) $(VENV)/bin/streamlit run app.py --server.port $(PORT) \
+		--server.headless true --browser.gatherUsageStats false
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: could not install Debian chromium; browser tests will be skipped"; }
+
+test: $(STAMP) chromium
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_store.py
+
+clean:
+	rm -rf $(VENV) data/*.duckdb data/models
