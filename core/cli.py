@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -163,6 +164,145 @@ def info(
     typer.echo("event types:")
     for name, count in summary.event_type_counts.items():
         typer.echo(f"  {name:<20} {count:>12,}")
+
+
+def _read_users_file(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    users = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not users:
+        raise _fail(f"{path} lists no users (one user id per line)", 2)
+    return users
+
+
+def _parse_ts(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        raise _fail(
+            f"{name} {value!r} is not an ISO date/time (e.g. 2026-10-15 or 2026-10-15T08:00)", 2
+        ) from None
+    return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo else ts
+
+
+@app.command()
+def train(
+    size: Annotated[
+        str, typer.Option(help="Model size: tiny, small (CPU default), base (GPU).")
+    ] = "small",
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Pretraining epochs (early stopping may end sooner).")
+    ] = 3,
+    users_file: Annotated[
+        Path | None, typer.Option(help="Train only on these users (one id per line).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Train only on events before this time.")
+    ] = None,
+    supervised: Annotated[
+        bool,
+        typer.Option("--supervised/--no-supervised", help="Fine-tune on labels when they exist."),
+    ] = True,
+    resume: Annotated[str | None, typer.Option(help="Model id whose checkpoint to resume.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    db: DbOption = None,
+) -> None:
+    """Pretrain the behaviour model on event sequences, then fine-tune on labels."""
+    from core.train import TrainConfig, train_model
+
+    if size not in ("tiny", "small", "base"):
+        raise _fail("--size must be tiny, small or base", 2)
+    cfg = TrainConfig(size=size, epochs=epochs, supervised=supervised, device=device)  # type: ignore[arg-type]
+    users = _read_users_file(users_file)
+    until_ts = _parse_ts(until, "--until")
+    try:
+        con = store.connect(_db(db))
+    except store.StoreError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        result = train_model(
+            con,
+            cfg,
+            models_dir=get_settings().models_dir,
+            users=users,
+            until=until_ts,
+            model_id=resume,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        con.close()
+    typer.echo(f"model {result.model_id} saved to {result.path}")
+    for key, value in result.metrics.items():
+        typer.echo(f"  {key:<22} {value}")
+
+
+def _load_model_or_fail(con: object, model: str | None) -> object:
+    from core.scoring import latest_model, load_model
+
+    if model is None:
+        found = latest_model(con)  # type: ignore[arg-type]
+        if found is None:
+            raise _fail("no trained model; run `fraudlens train` first")
+        path = found[1]
+    else:
+        path = get_settings().models_dir / model
+    try:
+        return load_model(path)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise _fail(f"cannot load model {model or path.name}: {exc}") from None
+
+
+@app.command()
+def score(
+    model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    users_file: Annotated[Path | None, typer.Option(help="Score only these users.")] = None,
+    start: Annotated[str | None, typer.Option(help="Only events at or after this time.")] = None,
+    end: Annotated[str | None, typer.Option(help="Only events before this time.")] = None,
+    db: DbOption = None,
+) -> None:
+    """Score users' sequences and store per-event and per-user scores in the database."""
+    from core.scoring import score_users
+
+    users = _read_users_file(users_file)
+    start_ts, end_ts = _parse_ts(start, "--start"), _parse_ts(end, "--end")
+    try:
+        con = store.connect(_db(db))
+    except store.StoreError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        loaded = _load_model_or_fail(con, model)
+        scores = score_users(con, loaded, users, start_ts, end_ts, progress=True)  # type: ignore[arg-type]
+    finally:
+        con.close()
+    typer.echo(
+        f"scored {len(scores):,} users, {int(scores['n_events'].sum()):,} events "
+        f"with model {loaded.model_id}"
+    )  # type: ignore[attr-defined]
+
+
+@app.command("export-scores")
+def export_scores(
+    out: Annotated[Path, typer.Argument(help="CSV file to write.")],
+    model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    db: DbOption = None,
+) -> None:
+    """Write the stored per-user scores of a model to CSV, ranked by score."""
+    from core.export import export_user_scores
+
+    try:
+        con = store.connect(_db(db), read_only=True)
+    except store.StoreError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        n = export_user_scores(con, out, model_id=model)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        con.close()
+    typer.echo(f"wrote {n:,} users to {out}")
 
 
 @app.command()

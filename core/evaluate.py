@@ -1,0 +1,345 @@
+"""Evaluation: user splits, ranking metrics at an alert budget, threshold tables, ground truth.
+
+Every scorer is judged on the same questions an analyst asks: how well does the ranking
+separate fraud (AUPRC, AUROC), how many of the first k alerts are real (precision@k), how much
+fraud does a fixed review budget catch (recall in the top 1% of users, overall and per
+typology), and how good is a threshold chosen on validation data when applied to test data.
+Degenerate inputs (no users, one class only) give NaN metrics, never an exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+
+SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
+NORMAL_TYPOLOGIES = frozenset({"", "normal", "none", "benign", "legit"})
+NAN = math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+def _unit_hash(user_ids: Sequence[str], seed: int) -> np.ndarray:
+    """A value in [0, 1) per user, stable across runs, platforms and Python versions."""
+    out = np.empty(len(user_ids), dtype=np.float64)
+    for i, uid in enumerate(user_ids):
+        digest = hashlib.blake2b(f"{seed}\x1f{uid}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "big") / 2.0**64
+    return out
+
+
+def _unique_users(user_ids: ArrayLike) -> np.ndarray:
+    return np.asarray(pd.unique(pd.Series(np.asarray(user_ids, dtype=object), dtype=object)))
+
+
+def split_users(
+    user_ids: Sequence[str] | np.ndarray,
+    *,
+    seed: int = 0,
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+) -> dict[str, np.ndarray]:
+    """Train / val / test users by a stable hash of (seed, user_id).
+
+    A user's split depends only on the seed and its own id, so adding users never moves
+    existing ones, and no user is ever in two splits. Sizes follow ``fractions`` roughly
+    (binomially). Each array keeps the input order.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
+    users = _unique_users(user_ids)
+    edges = np.cumsum(np.asarray(fractions, dtype=np.float64) / sum(fractions))
+    bucket = np.searchsorted(edges[:-1], _unit_hash(users, seed), side="right")
+    return {name: users[bucket == i] for i, name in enumerate(SPLIT_NAMES)}
+
+
+def kfold_users(
+    user_ids: Sequence[str] | np.ndarray, k: int, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """k (train, test) folds; every user is a test user in exactly one fold.
+
+    Users are ordered by their stable hash and dealt round-robin, so fold sizes differ by at
+    most one.
+    """
+    users = _unique_users(user_ids)
+    if k < 2 or k > max(len(users), 2):
+        raise ValueError(f"k must be between 2 and the number of users ({len(users)}), got {k}")
+    order = np.argsort(_unit_hash(users, seed), kind="stable")
+    fold = np.empty(len(users), dtype=np.int64)
+    fold[order] = np.arange(len(users)) % k
+    return [(users[fold != i], users[fold == i]) for i in range(k)]
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+@dataclass
+class ScorerMetrics:
+    name: str
+    n_users: int
+    n_positive: int
+    auprc: float
+    auroc: float
+    precision_at_k: dict[int, float]
+    recall_at_budget: float  # share of positives among the top ``budget_share`` of users
+    precision_at_budget: float
+    n_alerts_at_budget: int
+    threshold: float  # F1-maximising threshold of the *validation* scores
+    f1_at_val_threshold: float  # F1 on these (test) users at that threshold
+    recall_per_typology: dict[str, float] = field(default_factory=dict)
+    budget_share: float = 0.01
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _clean(y_true: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if len(y) != len(s):
+        raise ValueError(f"{len(y)} labels but {len(s)} scores")
+    y = (np.nan_to_num(y, nan=0.0) > 0).astype(np.int64)
+    finite = np.isfinite(s)
+    if not finite.all():
+        # a missing score ranks last: the scorer had nothing to say about that user
+        low = s[finite].min() - 1.0 if finite.any() else 0.0
+        s = np.where(finite, s, low)
+    return y, s
+
+
+def _two_classes(y: np.ndarray) -> bool:
+    return len(y) > 0 and 0 < int(y.sum()) < len(y)
+
+
+def budget_alerts(n_users: int, budget_share: float) -> int:
+    """Alerts a budget of ``budget_share`` of the users allows: rounded up, at least one."""
+    if n_users == 0:
+        return 0
+    return min(n_users, max(1, math.ceil(round(budget_share * n_users, 9))))
+
+
+def _ranking(scores: np.ndarray) -> np.ndarray:
+    # ties keep input order, so a ranking is reproducible
+    return np.argsort(-scores, kind="stable")
+
+
+def best_f1_threshold(y_true: ArrayLike, scores: ArrayLike) -> float:
+    """The score threshold (alert when score >= threshold) with the highest F1; NaN if
+    ``y_true`` lacks a class."""
+    from sklearn.metrics import precision_recall_curve
+
+    y, s = _clean(y_true, scores)
+    if not _two_classes(y):
+        return NAN
+    precision, recall, thresholds = precision_recall_curve(y, s)
+    precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    return float(thresholds[int(np.argmax(f1))])
+
+
+def _f1_at(y: np.ndarray, s: np.ndarray, threshold: float) -> float:
+    if not math.isfinite(threshold) or int(y.sum()) == 0:
+        return NAN
+    alert = s >= threshold
+    tp = int((alert & (y == 1)).sum())
+    denom = int(alert.sum()) + int(y.sum())
+    return 2 * tp / denom if denom else NAN
+
+
+def evaluate_scores(
+    name: str,
+    y_true: ArrayLike,
+    scores: ArrayLike,
+    *,
+    typologies: ArrayLike | None = None,
+    val_scores: ArrayLike | None = None,
+    val_true: ArrayLike | None = None,
+    ks: Sequence[int] = (10, 50, 100),
+    budget_share: float = 0.01,
+) -> ScorerMetrics:
+    """Metrics of one scorer on one set of (test) users.
+
+    The threshold is chosen on the validation users only (F1-maximising) and then applied to
+    these users. precision@k is NaN when fewer than k users exist. A NaN score ranks last.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y, s = _clean(y_true, scores)
+    n, n_pos = len(y), int(y.sum())
+    two = _two_classes(y)
+    order = _ranking(s)
+    ranked = y[order]
+
+    precision_at_k = {int(k): float(ranked[:k].mean()) if 0 < k <= n else NAN for k in ks}
+    n_alerts = budget_alerts(n, budget_share)
+    in_budget = np.zeros(n, dtype=bool)
+    in_budget[order[:n_alerts]] = True
+    recall_at_budget = float(ranked[:n_alerts].sum() / n_pos) if n_pos else NAN
+    precision_at_budget = float(ranked[:n_alerts].mean()) if n_alerts else NAN
+
+    per_typology: dict[str, float] = {}
+    if typologies is not None:
+        typ = np.asarray(typologies, dtype=object).ravel()
+        if len(typ) != n:
+            raise ValueError(f"{len(typ)} typologies for {n} users")
+        typ = np.array(["" if t is None or t != t else str(t) for t in typ], dtype=object)
+        for t in sorted(set(typ) - NORMAL_TYPOLOGIES):
+            members = typ == t
+            per_typology[t] = float(in_budget[members].mean())
+
+    threshold, f1 = NAN, NAN
+    if val_scores is not None and val_true is not None:
+        threshold = best_f1_threshold(val_true, val_scores)
+        f1 = _f1_at(y, s, threshold)
+
+    return ScorerMetrics(
+        name=name,
+        n_users=n,
+        n_positive=n_pos,
+        auprc=float(average_precision_score(y, s)) if two else NAN,
+        auroc=float(roc_auc_score(y, s)) if two else NAN,
+        precision_at_k=precision_at_k,
+        recall_at_budget=recall_at_budget,
+        precision_at_budget=precision_at_budget,
+        n_alerts_at_budget=n_alerts,
+        threshold=threshold,
+        f1_at_val_threshold=f1,
+        recall_per_typology=per_typology,
+        budget_share=budget_share,
+    )
+
+
+def threshold_table(
+    y_true: ArrayLike | None, scores: ArrayLike, thresholds: ArrayLike | None = None
+) -> pd.DataFrame:
+    """Alert counts and, when labels are given, tp / fp / fn / precision / recall / f1 per
+    threshold (alert when score >= threshold), by ascending threshold.
+
+    Default thresholds: every distinct score when there are at most 200, else the 101
+    percentiles. Precision is NaN with no alerts, recall NaN with no positives.
+    """
+    if y_true is None:
+        s = np.asarray(scores, dtype=np.float64).ravel()
+        s = s[np.isfinite(s)]
+        y = None
+    else:
+        y, s = _clean(y_true, scores)
+    if thresholds is None:
+        thr = np.unique(s)
+        if len(thr) > 200:
+            thr = np.unique(np.quantile(thr, np.linspace(0.0, 1.0, 101)))
+    else:
+        thr = np.sort(np.asarray(thresholds, dtype=np.float64).ravel())
+    alerts = len(s) - np.searchsorted(np.sort(s), thr, side="left")
+    table = pd.DataFrame({"threshold": thr, "alerts": alerts.astype(np.int64)})
+    if y is None:
+        for col in ("tp", "fp", "fn", "precision", "recall", "f1"):
+            table[col] = NAN
+        return table
+    pos = np.sort(s[y == 1])
+    n_pos = len(pos)
+    tp = n_pos - np.searchsorted(pos, thr, side="left")
+    table["tp"], table["fp"], table["fn"] = tp, alerts - tp, n_pos - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table["precision"] = np.where(alerts > 0, tp / np.maximum(alerts, 1), NAN)
+        table["recall"] = tp / n_pos if n_pos else NAN
+        table["f1"] = 2 * tp / (alerts + n_pos) if n_pos else NAN
+    return table
+
+
+def _fmt(x: float) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+
+def metrics_table_markdown(rows: list[ScorerMetrics]) -> str:
+    """The scorers side by side (one row each), then recall at the budget per typology."""
+    if not rows:
+        return "_no scorers evaluated_\n"
+    ks = sorted({k for r in rows for k in r.precision_at_k})
+    budgets = sorted({r.budget_share for r in rows})
+    budget = f"{100 * budgets[0]:g}%" if len(budgets) == 1 else "budget"
+    header = ["Scorer", "AUPRC", "AUROC", *[f"P@{k}" for k in ks]]
+    header += [f"Recall@{budget}", f"Precision@{budget}", "F1 @ val threshold", "Users", "Positive"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for r in rows:
+        cells = [r.name, _fmt(r.auprc), _fmt(r.auroc)]
+        cells += [_fmt(r.precision_at_k.get(k, NAN)) for k in ks]
+        cells += [_fmt(r.recall_at_budget), _fmt(r.precision_at_budget)]
+        cells += [_fmt(r.f1_at_val_threshold), str(r.n_users), str(r.n_positive)]
+        lines.append("| " + " | ".join(cells) + " |")
+    typologies = sorted({t for r in rows for t in r.recall_per_typology})
+    if typologies:
+        lines += ["", f"Recall at the {budget} alert budget, per typology:", ""]
+        lines.append("| Typology | " + " | ".join(r.name for r in rows) + " |")
+        lines.append("|" + "|".join(["---"] * (len(rows) + 1)) + "|")
+        for t in typologies:
+            cells = [_fmt(r.recall_per_typology.get(t, NAN)) for r in rows]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Ground truth
+
+
+def _table_columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
+    rows = con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = ? "
+        "AND schema_name = current_schema()",
+        [table],
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def load_truth(
+    con: duckdb.DuckDBPyConnection, users: Sequence[str] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(y, typology) for ``users``: y is 1 for fraud, typology "" for normal users.
+
+    Simulator truth (``truth_users``) when it holds rows; otherwise analyst labels (each user's
+    latest label; 'fraud' = 1, typology "labelled"). Users absent from the source are normal.
+    Raises LookupError when the database has neither.
+    """
+    ids = [str(u) for u in np.asarray(users, dtype=object)]
+    index = pd.Index(ids)
+    truth_cols = _table_columns(con, "truth_users")
+    found: pd.Series | None = None
+    if {"user_id", "typology"} <= truth_cols:
+        has_rows = con.execute("SELECT count(*) FROM truth_users").fetchone()
+        if has_rows and has_rows[0] > 0:
+            frame = con.execute(
+                "SELECT user_id, any_value(typology) AS typology FROM truth_users "
+                "WHERE user_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY user_id",
+                [ids],
+            ).df()
+            found = frame.set_index("user_id")["typology"]
+    if found is None:
+        label_cols = _table_columns(con, "labels")
+        if not {"user_id", "label"} <= label_cols:
+            raise LookupError("no ground truth: truth_users is empty and there are no labels")
+        # the latest label counts: an analyst may correct an earlier decision
+        latest = "arg_max(label, created_at)" if "created_at" in label_cols else "any_value(label)"
+        frame = con.execute(
+            f"SELECT user_id, {latest} AS label FROM labels "  # noqa: S608 -- fixed choices
+            "WHERE user_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY user_id",
+            [ids],
+        ).df()
+        is_fraud = frame["label"].astype(object).str.lower().eq("fraud")
+        found = pd.Series(np.where(is_fraud, "labelled", ""), index=frame["user_id"])
+    typ = found.reindex(index).astype(object)
+    typology = np.array(
+        ["" if t is None or t != t or str(t).lower() in NORMAL_TYPOLOGIES else str(t) for t in typ],
+        dtype=object,
+    )
+    return (typology != "").astype(np.int64), typology

@@ -1,0 +1,382 @@
+"""Batch and on-demand scoring: per-event surprisal and per-user sequence scores.
+
+Scores (all "higher = more suspicious"):
+- ``score_unsupervised``: mean of the user's top-k per-event surprisals (k = 5) — a few very
+  surprising events flag a user even inside a long normal history; reported with its percentile
+  against the training population (``percentile_unsupervised``, 0..1).
+- ``score_supervised``: the sequence head's fraud probability (max over the user's windows),
+  present only when the model was fine-tuned on labels.
+- ``score`` (combined): ``w * percentile_unsupervised + (1 - w) * score_supervised`` with
+  ``w = DEFAULT_UNSUPERVISED_WEIGHT``; both terms live in [0, 1], so the weight reads as "how much
+  to trust novelty vs. known fraud patterns". Without a supervised head it is the percentile.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import duckdb
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from core.model import BehaviorModel
+from core.sequences import (
+    EncodedEvents,
+    SequenceFeaturizer,
+    iter_window_batches,
+    load_events,
+    make_windows,
+)
+
+if TYPE_CHECKING:
+    from core.train import TrainConfig
+
+DEFAULT_UNSUPERVISED_WEIGHT = 0.5
+DEFAULT_TOP_K = 5
+REFERENCE_FILE = "score_reference.json"
+
+
+@dataclass
+class ScoreReference:
+    """The training population's unsupervised scores, for standardising and percentiles."""
+
+    top_k: int
+    quantiles: list[float]  # sorted training-user scores, thinned to at most 2001 points
+    mean: float
+    std: float
+
+    def percentile(self, raw: np.ndarray) -> np.ndarray:
+        q = np.asarray(self.quantiles)
+        return np.searchsorted(q, np.asarray(raw, dtype=float), side="right") / len(q)
+
+    def standardise(self, raw: np.ndarray) -> np.ndarray:
+        return (np.asarray(raw, dtype=float) - self.mean) / (self.std or 1.0)
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / REFERENCE_FILE).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, directory: Path) -> ScoreReference:
+        return cls(**json.loads((Path(directory) / REFERENCE_FILE).read_text()))
+
+    @classmethod
+    def from_scores(cls, scores: np.ndarray, top_k: int) -> ScoreReference:
+        scores = np.sort(np.asarray(scores, dtype=float))
+        if len(scores) > 2001:
+            scores = np.quantile(scores, np.linspace(0, 1, 2001))
+        return cls(
+            top_k=top_k,
+            quantiles=scores.tolist(),
+            mean=float(scores.mean()),
+            std=float(scores.std()),
+        )
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to score: weights, fitted vocabularies, the score reference, a lock.
+
+    The lock serialises use of the shared model (Captum hooks, and torch modules are not
+    re-entrant for training-mode toggles); scoring under ``no_grad`` takes it too.
+    """
+
+    model_id: str
+    path: Path
+    model: BehaviorModel
+    featurizer: SequenceFeaturizer
+    reference: ScoreReference
+    device: torch.device
+    lock: threading.Lock
+
+    @property
+    def supervised(self) -> bool:
+        return bool(getattr(self.model.config, "has_supervised_head", False))
+
+
+def load_model(path: str | Path, *, device: str = "auto") -> LoadedModel:
+    from core.train import resolve_device
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no model at {path} (config.json missing)")
+    dev = resolve_device(device)
+    model = BehaviorModel.from_pretrained(path).to(dev).eval()
+    return LoadedModel(
+        model_id=path.name,
+        path=path,
+        model=model,
+        featurizer=SequenceFeaturizer.load(path),
+        reference=ScoreReference.load(path),
+        device=dev,
+        lock=threading.Lock(),
+    )
+
+
+def combine_scores(
+    percentile: np.ndarray,
+    supervised: np.ndarray | None,
+    weight: float = DEFAULT_UNSUPERVISED_WEIGHT,
+) -> np.ndarray:
+    if supervised is None:
+        return np.asarray(percentile, dtype=float)
+    sup = np.asarray(supervised, dtype=float)
+    pct = np.asarray(percentile, dtype=float)
+    return np.where(np.isnan(sup), pct, weight * pct + (1.0 - weight) * sup)
+
+
+@dataclass
+class EncodedScores:
+    surprisal: np.ndarray  # float32 [n_events], aligned with the encoded rows
+    supervised: np.ndarray  # float32 [n_users] fraud probability (NaN without a head)
+    embedding: np.ndarray  # float32 [n_users, hidden] mean-pooled hidden states
+
+
+def score_encoded(
+    model: BehaviorModel,
+    encoded: EncodedEvents,
+    *,
+    max_len: int,
+    device: torch.device,
+    batch_size: int = 64,
+) -> EncodedScores:
+    """One forward pass per window (length-bucketed batches). Windows overlap; each event keeps
+    the surprisal of its primary window, the one that gave it the most preceding context."""
+    from core.train import autocast
+
+    windows = make_windows(encoded, max_len=max_len)
+    n_users = len(encoded.user_ids)
+    surprisal = np.zeros(len(encoded.event_ids), dtype=np.float32)
+    sup_logit = np.full(n_users, -np.inf, dtype=np.float32)
+    emb_sum: np.ndarray | None = None
+    emb_count = np.zeros(n_users, dtype=np.float32)
+    has_head = bool(getattr(model.config, "has_supervised_head", False))
+    model.eval()
+    with torch.no_grad():
+        for batch in iter_window_batches(windows, batch_size):
+            fields = torch.from_numpy(batch.fields.astype(np.int64))
+            mask = torch.from_numpy(batch.mask)
+            with autocast(device):
+                out = model(fields=fields.to(device), attention_mask=mask.to(device))
+            users = windows.user_index[batch.index]
+            width = batch.mask.shape[1]
+            rows = encoded.offsets[users][:, None] + windows.start[batch.index][:, None]
+            rows = rows + np.arange(width)
+            surprisal[rows[batch.primary]] = out.surprisal.float().cpu().numpy()[batch.primary]
+            np.maximum.at(sup_logit, users, out.sequence_logit.float().cpu().numpy())
+            pooled = out.pooled.float().cpu().numpy()
+            if emb_sum is None:
+                emb_sum = np.zeros((n_users, pooled.shape[1]), dtype=np.float32)
+            np.add.at(emb_sum, users, pooled)
+            np.add.at(emb_count, users, 1.0)
+    supervised = (
+        (1.0 / (1.0 + np.exp(-sup_logit))).astype(np.float32)
+        if has_head
+        else np.full(n_users, np.nan, dtype=np.float32)
+    )
+    embedding = (
+        emb_sum / np.maximum(emb_count[:, None], 1.0)
+        if emb_sum is not None
+        else np.zeros((n_users, 0), dtype=np.float32)
+    )
+    return EncodedScores(surprisal=surprisal, supervised=supervised, embedding=embedding)
+
+
+def top_k_mean(values: np.ndarray, offsets: np.ndarray, k: int) -> np.ndarray:
+    """Mean of the k largest values in each segment ``values[offsets[i]:offsets[i+1]]``."""
+    n = len(offsets) - 1
+    lengths = np.diff(offsets)
+    seg = np.repeat(np.arange(n), lengths)
+    # Sort within segments descending: by segment, then by -value.
+    order = np.lexsort((-values, seg))
+    rank = np.arange(len(values)) - np.repeat(offsets[:-1], lengths)
+    keep = rank < k
+    sums = np.bincount(seg[keep], weights=values[order][keep], minlength=n)
+    counts = np.minimum(lengths, k)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def fit_score_reference(
+    model: BehaviorModel,
+    featurizer: SequenceFeaturizer,
+    encoded: EncodedEvents,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+) -> ScoreReference:
+    scores = score_encoded(model, encoded, max_len=cfg.max_len, device=device)
+    raw = top_k_mean(scores.surprisal.astype(np.float64), encoded.offsets, cfg.top_k)
+    return ScoreReference.from_scores(raw[~np.isnan(raw)], cfg.top_k)
+
+
+def register_model(
+    con: duckdb.DuckDBPyConnection, model_id: str, path: Path, cfg: TrainConfig, metrics: dict
+) -> None:
+    con.execute(
+        "INSERT OR REPLACE INTO models (model_id, created_at, kind, config, metrics, path) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            model_id,
+            datetime.now(UTC).replace(tzinfo=None),
+            "behavior-transformer",
+            json.dumps(asdict(cfg)),
+            json.dumps(metrics, default=str),
+            str(path),
+        ],
+    )
+
+
+def latest_model(con: duckdb.DuckDBPyConnection) -> tuple[str, Path] | None:
+    row = con.execute(
+        "SELECT model_id, path FROM models ORDER BY created_at DESC LIMIT 1"
+    ).fetchone()
+    return (str(row[0]), Path(row[1])) if row else None
+
+
+def _user_chunks(
+    con: duckdb.DuckDBPyConnection,
+    users: Sequence[str] | None,
+    start: datetime | None,
+    end: datetime | None,
+    chunk_users: int,
+) -> Iterator[list[str]]:
+    if users is None:
+        users = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT user_id FROM events WHERE (? IS NULL OR ts >= ?) "
+                "AND (? IS NULL OR ts < ?) ORDER BY user_id",
+                [start, start, end, end],
+            ).fetchall()
+        ]
+    users = list(users)
+    for lo in range(0, len(users), chunk_users):
+        yield users[lo : lo + chunk_users]
+
+
+def score_users(
+    con: duckdb.DuckDBPyConnection,
+    loaded: LoadedModel,
+    users: Sequence[str] | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    *,
+    write: bool = True,
+    chunk_users: int = 2000,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Score users (all, or the given ones) on their events in [start, end).
+
+    Streams users in chunks, so memory stays bounded whatever the database size. With
+    ``write`` the per-event surprisal goes to ``event_scores`` and the per-user scores to
+    ``sequence_scores`` (replacing earlier rows of the same model, user and range), each chunk
+    in one short transaction.
+    """
+    max_len = int(loaded.model.config.max_len)
+    results: list[pd.DataFrame] = []
+    chunks = list(_user_chunks(con, users, start, end, chunk_users))
+    for chunk in tqdm(chunks, desc="scoring", unit="chunk", disable=not progress):
+        events = load_events(con, users=chunk, start=start, end=end)
+        if events.num_rows == 0:
+            continue
+        encoded = loaded.featurizer.transform(events)
+        with loaded.lock:
+            scores = score_encoded(
+                loaded.model, encoded, max_len=max_len, device=loaded.device, batch_size=batch_size
+            )
+        raw = top_k_mean(
+            scores.surprisal.astype(np.float64), encoded.offsets, loaded.reference.top_k
+        )
+        pct = loaded.reference.percentile(raw)
+        sup = scores.supervised if loaded.supervised else None
+        frame = pd.DataFrame(
+            {
+                "user_id": encoded.user_ids.astype(str),
+                "model_id": loaded.model_id,
+                "n_events": np.diff(encoded.offsets).astype(np.int64),
+                "first_ts": encoded.ts[encoded.offsets[:-1]],
+                "last_ts": encoded.ts[encoded.offsets[1:] - 1],
+                "score_unsupervised": raw,
+                "percentile_unsupervised": pct,
+                "score_supervised": scores.supervised.astype(np.float64),
+                "score": combine_scores(pct, sup),
+            }
+        )
+        results.append(frame)
+        if write:
+            event_frame = pd.DataFrame(
+                {
+                    "event_id": encoded.event_ids.astype(np.int64),
+                    "surprisal": scores.surprisal.astype(np.float64),
+                }
+            )
+            write_scores(con, loaded.model_id, frame, event_frame, start, end)
+    if not results:
+        return pd.DataFrame(
+            columns=[
+                "user_id",
+                "model_id",
+                "n_events",
+                "first_ts",
+                "last_ts",
+                "score_unsupervised",
+                "percentile_unsupervised",
+                "score_supervised",
+                "score",
+            ]
+        )
+    return pd.concat(results, ignore_index=True)
+
+
+def write_scores(
+    con: duckdb.DuckDBPyConnection,
+    model_id: str,
+    users_frame: pd.DataFrame,
+    events_frame: pd.DataFrame,
+    start: datetime | None,
+    end: datetime | None,
+) -> None:
+    """Replace this model's scores for these users and range, in one transaction."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.register("_new_event_scores", events_frame)
+        con.register("_new_user_scores", users_frame)
+        con.execute(
+            "DELETE FROM event_scores WHERE model_id = ? "
+            "AND event_id IN (SELECT event_id FROM _new_event_scores)",
+            [model_id],
+        )
+        con.execute(
+            "INSERT INTO event_scores (event_id, model_id, surprisal) "
+            "SELECT event_id, ?, surprisal FROM _new_event_scores",
+            [model_id],
+        )
+        con.execute(
+            "DELETE FROM sequence_scores WHERE model_id = ? "
+            "AND window_start IS NOT DISTINCT FROM ? AND window_end IS NOT DISTINCT FROM ? "
+            "AND user_id IN (SELECT user_id FROM _new_user_scores)",
+            [model_id, start, end],
+        )
+        con.execute(
+            "INSERT INTO sequence_scores (user_id, window_start, window_end, model_id, n_events, "
+            "score_unsupervised, percentile_unsupervised, score_supervised, score, scored_at) "
+            "SELECT user_id, ?, ?, ?, n_events, score_unsupervised, percentile_unsupervised, "
+            "score_supervised, score, ? FROM _new_user_scores",
+            [start, end, model_id, now],
+        )
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.unregister("_new_event_scores")
+        con.unregister("_new_user_scores")

@@ -1,0 +1,1355 @@
+"""DuckDB event store: schema migrations, validated idempotent ingest, and the basic queries.
+
+Ingest never loops over rows in Python: DuckDB reads the file (CSV as all-VARCHAR with its
+reject tables catching structurally broken lines, or Parquet / Arrow as typed columns), one SQL
+pass computes a rejection reason per row, valid rows go to `events` and the rest to `quarantine`
+with the raw row. A batch is one transaction, so a failure leaves the database as it was.
+
+Dynamic SQL in this module only splices identifiers: canonical names from core.schema, generated
+aliases (`__s0`, `__s1`, ...) and source column names quoted by `_ident`. Every value that comes
+from outside (paths, ids, timestamps, event maps) is a bound parameter.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from core import schema
+
+TsUnit = Literal["auto", "iso", "s", "ms"]
+
+# Test hook: name of an ingest step after which `_run_batch` raises, to prove atomicity.
+_FAIL_AFTER_STEP: str | None = None
+INGEST_STEPS: tuple[str, ...] = ("read", "sort", "quarantine", "events", "record")
+
+
+class StoreError(Exception):
+    """A user-facing store problem; str(e) is a one-line message fit for a page or the CLI."""
+
+
+class IngestError(StoreError):
+    """The input cannot be ingested at all (wrong format, encoding, columns, empty)."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the database's write lock."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection and migrations
+
+
+def _events_ddl(table: str) -> str:
+    cols = ", ".join(f"{c.name} {c.duckdb_type}" for c in schema.EVENT_COLUMNS)
+    return f"CREATE TABLE IF NOT EXISTS {table} ({cols})"
+
+
+# Numbered, append-only: a released step is never edited, a change is a new step.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            _events_ddl("events"),
+            """CREATE TABLE IF NOT EXISTS ingest_batches (
+                batch_id BIGINT PRIMARY KEY, source VARCHAR, checksum VARCHAR UNIQUE,
+                ingested_at TIMESTAMP, rows_read BIGINT, rows_accepted BIGINT,
+                rows_quarantined BIGINT, seconds DOUBLE)""",
+            """CREATE TABLE IF NOT EXISTS quarantine (
+                batch_id BIGINT, source VARCHAR, line BIGINT, reason VARCHAR, raw VARCHAR)""",
+            """CREATE TABLE IF NOT EXISTS models (
+                model_id VARCHAR PRIMARY KEY, created_at TIMESTAMP, kind VARCHAR, config JSON,
+                metrics VARCHAR, path VARCHAR)""",
+            """CREATE TABLE IF NOT EXISTS event_scores (
+                event_id BIGINT, model_id VARCHAR, surprisal DOUBLE)""",
+            """CREATE TABLE IF NOT EXISTS sequence_scores (
+                user_id VARCHAR, window_start TIMESTAMP, window_end TIMESTAMP, model_id VARCHAR,
+                n_events INTEGER, score_unsupervised DOUBLE, percentile_unsupervised DOUBLE,
+                score_supervised DOUBLE, score DOUBLE, scored_at TIMESTAMP)""",
+            """CREATE TABLE IF NOT EXISTS labels (
+                user_id VARCHAR, label VARCHAR, analyst VARCHAR, created_at TIMESTAMP,
+                note VARCHAR)""",
+            # No PRIMARY KEY: DuckDB rewrites UPDATEs on indexed tables as delete+insert, which
+            # trips its own constraint check when a case is updated twice in one transaction.
+            """CREATE TABLE IF NOT EXISTS cases (
+                case_id BIGINT, title VARCHAR, status VARCHAR, assignee VARCHAR,
+                created_by VARCHAR, created_at TIMESTAMP, updated_at TIMESTAMP)""",
+            "CREATE TABLE IF NOT EXISTS case_users (case_id BIGINT, user_id VARCHAR)",
+            "CREATE TABLE IF NOT EXISTS case_events (case_id BIGINT, event_id BIGINT)",
+            """CREATE TABLE IF NOT EXISTS case_notes (
+                case_id BIGINT, analyst VARCHAR, created_at TIMESTAMP, note VARCHAR)""",
+            """CREATE TABLE IF NOT EXISTS case_status_history (
+                case_id BIGINT, status VARCHAR, analyst VARCHAR, changed_at TIMESTAMP)""",
+            """CREATE TABLE IF NOT EXISTS audit_log (
+                analyst VARCHAR, "at" TIMESTAMP, action VARCHAR, target VARCHAR, detail VARCHAR)""",
+            """CREATE TABLE IF NOT EXISTS thresholds (
+                model_id VARCHAR, threshold DOUBLE, weight DOUBLE, analyst VARCHAR,
+                saved_at TIMESTAMP)""",
+            "CREATE TABLE IF NOT EXISTS truth_users (user_id VARCHAR, typology VARCHAR)",
+            """CREATE TABLE IF NOT EXISTS truth_events (
+                event_id BIGINT, user_id VARCHAR, typology VARCHAR)""",
+        ),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_LOCK_RE = re.compile(r"lock", re.IGNORECASE)
+_HOLDER_RE = re.compile(r"held in (.+?\(PID \d+\))")
+
+
+def _current_version(con: duckdb.DuckDBPyConnection) -> int:
+    exists = _one(
+        con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'schema_version'"
+            " AND schema_name = 'main' AND database_name = current_database()"
+        )
+    )
+    if not exists or not exists[0]:
+        return 0
+    row = _one(con.execute("SELECT coalesce(max(version), 0) FROM schema_version"))
+    return int(row[0]) if row else 0
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> int:
+    """Apply the migration steps this database lacks; return the schema version it is at."""
+    version = _current_version(con)
+    if version >= SCHEMA_VERSION:
+        return version
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
+        " applied_at TIMESTAMP)"
+    )
+    for number, statements in MIGRATIONS:
+        if number <= version:
+            continue
+        con.begin()
+        try:
+            for sql in statements:
+                con.execute(sql)
+            con.execute(
+                "INSERT INTO schema_version VALUES (?, ?)", [number, _naive_utc(datetime.now(UTC))]
+            )
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        version = number
+    return version
+
+
+def connect(
+    db_path: str | Path,
+    *,
+    read_only: bool = False,
+    retries: int = 8,
+    backoff_s: float = 0.05,
+) -> duckdb.DuckDBPyConnection:
+    """Open the store; writable connections are migrated. Retries while another process holds
+    the file lock (exponential backoff, each wait capped at 2 s), then raises StoreLockedError.
+
+    The connection's TimeZone is set to UTC: naive timestamps in input files mean UTC. A
+    read-only open of a missing file first creates and migrates it (an empty store).
+    """
+    path = Path(db_path)
+    in_memory = str(db_path) == ":memory:"
+    if not in_memory:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if read_only and not path.exists():
+            connect(path, retries=retries, backoff_s=backoff_s).close()
+    target = ":memory:" if in_memory else str(path)
+    last: Exception | None = None
+    waited = 0.0
+    for attempt in range(retries + 1):
+        try:
+            con = duckdb.connect(target, read_only=read_only)
+            break
+        except duckdb.IOException as exc:
+            if not _LOCK_RE.search(str(exc)):
+                raise StoreError(f"cannot open database {path}: {_first_line(exc)}") from exc
+            last = exc
+            if attempt < retries:
+                pause = min(backoff_s * 2**attempt, 2.0)
+                time.sleep(pause)
+                waited += pause
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot open database {path}: {_first_line(exc)}") from exc
+    else:
+        holder = _HOLDER_RE.search(str(last))
+        who = holder.group(1) if holder else _first_line(last)
+        raise StoreLockedError(
+            f"database {path} is locked by another process ({who}); gave up after "
+            f"{retries + 1} attempts over {waited:.1f} s"
+        ) from last
+    con.execute("SET TimeZone = 'UTC'")
+    if not read_only:
+        migrate(con)
+    return con
+
+
+def _one(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:
+    """First row, fetching the whole (small) result: DuckDB 2.0 refuses further work on a
+    connection whose last result was not read to the end."""
+    rows = result.fetchall()
+    return rows[0] if rows else None
+
+
+def _first_line(exc: BaseException | None) -> str:
+    return str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Ingest report
+
+
+@dataclass
+class IngestReport:
+    batch_id: int | None
+    source: str
+    checksum: str
+    rows_read: int
+    rows_accepted: int
+    rows_quarantined: int
+    reasons: dict[str, int]
+    duplicate_of: int | None
+    seconds: float
+    ignored_columns: list[str] = field(default_factory=list)
+
+    def message(self) -> str:
+        name = Path(self.source).name or self.source
+        if self.duplicate_of is not None:
+            return (
+                f"{name}: already ingested as batch {self.duplicate_of} (same content, "
+                f"sha256 {self.checksum[:12]}); nothing changed."
+            )
+        text = (
+            f"{name}: {self.rows_read:,} rows read, {self.rows_accepted:,} accepted, "
+            f"{self.rows_quarantined:,} quarantined"
+        )
+        if self.reasons:
+            text += " (" + ", ".join(f"{r}: {n:,}" for r, n in self.reasons.items()) + ")"
+        text += f"; batch {self.batch_id}, {self.seconds:.2f} s."
+        if self.ignored_columns:
+            text += " Ignored columns: " + ", ".join(self.ignored_columns) + "."
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input sniffing
+
+
+_SNIFF_BYTES = 1 << 16
+_CSV_EXTENSIONS = (".csv", ".tsv", ".tab", ".txt", ".dat", ".log")
+_PARQUET_EXTENSIONS = (".parquet", ".pq", ".parq")
+_DELIMITERS = (",", "\t", ";", "|")
+_BINARY_MAGIC = {
+    b"PK\x03\x04": "a ZIP archive (xlsx/zip)",
+    b"\xd0\xcf\x11\xe0": "an old Office document (xls)",
+    b"%PDF": "a PDF",
+    b"\x89PNG": "a PNG image",
+    b"ARROW1": "an Arrow IPC file",
+    b"Obj\x01": "an Avro file",
+    b"ORC": "an ORC file",
+}
+
+
+def _ident(name: str) -> str:
+    """Quote an identifier that came from a file header or DataFrame."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sha256_file(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _detect_format(path: Path) -> tuple[Literal["csv", "parquet"], bytes]:
+    """Return ("csv" | "parquet", the first bytes of the (decompressed) text)."""
+    name = path.name.lower()
+    with path.open("rb") as fh:
+        head = fh.read(_SNIFF_BYTES)
+    if not head:
+        raise IngestError(f"{path.name}: no rows (the file is empty)")
+    if head[:4] == b"PAR1":
+        return "parquet", head
+    if name.endswith(_PARQUET_EXTENSIONS):
+        raise IngestError(f"{path.name} is named like Parquet but is not a Parquet file")
+    if head[:2] == b"\x1f\x8b":
+        inner = name.removesuffix(".gz")
+        if not inner.endswith(_CSV_EXTENSIONS):
+            raise IngestError(
+                f"{path.name}: gzip file is not a .csv.gz; fraudlens reads CSV or Parquet"
+            )
+        with gzip.open(path, "rb") as gz:
+            head = gz.read(_SNIFF_BYTES)
+        if not head:
+            raise IngestError(f"{path.name}: no rows (the file is empty)")
+    for magic, what in _BINARY_MAGIC.items():
+        if head.startswith(magic):
+            raise IngestError(f"{path.name} is {what}, not CSV or Parquet")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
+        raise IngestError(
+            f"{path.name}: unreadable encoding (UTF-16 or binary data); save it as UTF-8 CSV"
+        )
+    text = head.decode("utf-8", errors="replace")
+    # A cut multi-byte character at the end of the sample is not an encoding problem.
+    if text.count("\ufffd") > max(3, len(text) // 100):
+        raise IngestError(
+            f"{path.name}: unreadable encoding (not UTF-8 text); save it as UTF-8 CSV"
+        )
+    suffix = Path(name.removesuffix(".gz")).suffix
+    if suffix and suffix not in _CSV_EXTENSIONS:
+        raise IngestError(
+            f"{path.name}: unsupported file type '{suffix}'; fraudlens reads CSV or Parquet"
+        )
+    return "csv", head
+
+
+def _first_line_text(head: bytes) -> str:
+    line = head.split(b"\n", 1)[0].rstrip(b"\r")
+    return line.decode("utf-8", errors="replace").lstrip("\ufeff")
+
+
+def _sniff_delimiter(first_line: str, n_fields: int | None) -> str:
+    counts = {d: _split_line(first_line, d) for d in _DELIMITERS}
+    if n_fields is not None:
+        for d in _DELIMITERS:
+            if len(counts[d]) == n_fields:
+                return d
+    best = max(_DELIMITERS, key=lambda d: len(counts[d]))
+    return best if len(counts[best]) > 1 else ","
+
+
+def _split_line(line: str, delimiter: str) -> list[str]:
+    return next(csv.reader([line], delimiter=delimiter, quotechar='"'), [])
+
+
+def _unique_names(names: Iterable[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for i, raw in enumerate(names):
+        name = raw.strip() or f"column{i}"
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}_{seen[name]}"
+        seen.setdefault(name, 1)
+        out.append(name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Column plans: how each canonical column is computed from its source column
+
+
+_INT_TYPES = (
+    "TINYINT",
+    "SMALLINT",
+    "INTEGER",
+    "BIGINT",
+    "HUGEINT",
+    "UTINYINT",
+    "USMALLINT",
+    "UINTEGER",
+    "UBIGINT",
+    "UHUGEINT",
+)
+_FLOAT_TYPES = ("FLOAT", "DOUBLE", "REAL")
+_INTEGER_TEXT = r"'^\s*[+-]?[0-9]+(\.0*)?\s*$'"
+# A time followed by a zone name, "Z" or an offset: "10:00:00+02:00", "10:00 UTC".
+_ZONE_SUFFIX = r"'[0-9]:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?\s*([A-Za-z]|[+-][0-9]{2}(:?[0-9]{2})?)'"
+
+
+def _kind(duck_type: str) -> str:
+    t = duck_type.upper()
+    if t.startswith("VARCHAR") or t == "JSON":
+        return "text"
+    if t in _INT_TYPES:
+        return "int"
+    if t in _FLOAT_TYPES or t.startswith("DECIMAL"):
+        return "float"
+    if t.startswith("TIMESTAMP WITH TIME ZONE") or t == "TIMESTAMPTZ":
+        return "tstz"
+    if t.startswith("TIMESTAMP") or t == "DATE":
+        return "ts"
+    return "other"
+
+
+@dataclass
+class _Plan:
+    """SQL for one canonical column: its value (layer 1) and reject conditions (layer 2)."""
+
+    value: str
+    helpers: dict[str, str] = field(default_factory=dict)
+    checks: list[tuple[str, str]] = field(default_factory=list)  # (condition, reason)
+
+
+def _empty(e: str) -> str:
+    return f"({e} IS NULL OR trim({e}) = '')"
+
+
+def _plan_ts(e: str, kind: str, unit: TsUnit) -> _Plan:
+    lo, hi = "$min_ts", "$max_ts"
+    if kind == "tstz":
+        return _Plan(
+            f"timezone('UTC', {e})",
+            checks=[
+                (f"{e} IS NULL", "missing timestamp"),
+                (f"v_ts < {lo} OR v_ts >= {hi}", "absurd timestamp"),
+            ],
+        )
+    if kind == "ts":
+        return _Plan(
+            f"CAST({e} AS TIMESTAMP)",
+            checks=[
+                (f"{e} IS NULL", "missing timestamp"),
+                (f"v_ts < {lo} OR v_ts >= {hi}", "absurd timestamp"),
+            ],
+        )
+    text = e if kind == "text" else f"CAST({e} AS VARCHAR)"
+    helpers: dict[str, str] = {}
+    if kind in ("int", "float"):
+        helpers["h_ts_num"] = "CAST(NULL AS DOUBLE)" if unit == "iso" else f"CAST({e} AS DOUBLE)"
+        helpers["h_ts_iso"] = "CAST(NULL AS TIMESTAMP)"
+    elif unit in ("s", "ms"):
+        helpers["h_ts_num"] = f"TRY_CAST({text} AS DOUBLE)"
+        helpers["h_ts_iso"] = "CAST(NULL AS TIMESTAMP)"
+    else:
+        # Plain TIMESTAMP parsing is ~5x cheaper than TIMESTAMPTZ but silently drops a zone or
+        # offset, so the TIMESTAMPTZ parser only sees values with something after the time.
+        # Helpers refer to earlier helpers by alias (DuckDB lateral column aliases).
+        helpers["h_ts_plain"] = f"TRY_CAST({text} AS TIMESTAMP)"
+        helpers["h_ts_num"] = (
+            "CAST(NULL AS DOUBLE)"
+            if unit == "iso"
+            else f"CASE WHEN h_ts_plain IS NULL THEN TRY_CAST({text} AS DOUBLE) END"
+        )
+        helpers["h_ts_iso"] = (
+            "CASE WHEN h_ts_num IS NOT NULL THEN NULL"
+            f" WHEN h_ts_plain IS NULL OR regexp_matches({text}, {_ZONE_SUFFIX})"
+            f" THEN timezone('UTC', TRY_CAST({text} AS TIMESTAMPTZ)) ELSE h_ts_plain END"
+        )
+    if unit == "ms":
+        sec = "h_ts_num / 1000"
+    elif unit == "s":
+        sec = "h_ts_num"
+    else:  # auto: epoch seconds reach 1e11 only in the year 5138, epoch ms pass it in 1973
+        sec = "CASE WHEN abs(h_ts_num) > 1e11 THEN h_ts_num / 1000 ELSE h_ts_num END"
+    value = (
+        "CASE WHEN h_ts_num IS NOT NULL THEN CASE WHEN isfinite(h_ts_num)"
+        f" AND ({sec}) >= $min_epoch AND ({sec}) < $max_epoch"
+        f" THEN make_timestamp(CAST(({sec}) * 1e6 AS BIGINT)) END ELSE h_ts_iso END"
+    )
+    return _Plan(
+        value,
+        helpers=helpers,
+        checks=[
+            (_empty(text), "missing timestamp"),
+            (
+                "(h_ts_num IS NULL AND h_ts_iso IS NULL) OR NOT isfinite(h_ts_num)",
+                "unparseable timestamp",
+            ),
+            (f"v_ts IS NULL OR v_ts < {lo} OR v_ts >= {hi}", "absurd timestamp"),
+        ],
+    )
+
+
+def _plan_text(name: str, e: str, kind: str, required: bool) -> _Plan:
+    text = e if kind == "text" else f"CAST({e} AS VARCHAR)"
+    limit = schema.MAX_TEXT_LEN if name == "text" else schema.MAX_ID_LEN
+    checks = [(f"length(v_{name}) > {limit}", f"over-long {name}")]
+    if required:
+        return _Plan(text, checks=[(_empty(text), f"empty {name}"), *checks])
+    return _Plan(f"NULLIF({text}, '')", checks=checks)
+
+
+def _plan_number(name: str, e: str, kind: str, sql_type: str, integer: bool) -> _Plan:
+    noun = "non-integer" if integer else "non-numeric"
+    if kind == "int":
+        value = f"TRY_CAST({e} AS {sql_type})"
+        bad = f"{e} IS NOT NULL AND v_{name} IS NULL"
+    elif kind == "float":
+        d = f"CAST({e} AS DOUBLE)"
+        # pandas writes missing numbers as NaN: NaN is absent, infinity is bad. (Not isnan():
+        # DuckDB 2.0 folds isnan() to false from Parquet statistics, which omit NaN.)
+        value = f"CASE WHEN isfinite({d}) THEN TRY_CAST({e} AS {sql_type}) END"
+        bad = f"isinf({d})"
+        if integer:
+            bad += f" OR (isfinite({d}) AND ({d} <> round({d}) OR v_{name} IS NULL))"
+    else:
+        text = e if kind == "text" else f"CAST({e} AS VARCHAR)"
+        if integer:
+            value = (
+                f"CASE WHEN regexp_matches({text}, {_INTEGER_TEXT})"
+                f" THEN TRY_CAST(trim({text}) AS {sql_type}) END"
+            )
+            bad = f"NOT {_empty(text)} AND v_{name} IS NULL"
+        else:
+            value = f"TRY_CAST({text} AS DOUBLE)"
+            bad = f"NOT {_empty(text)} AND (v_{name} IS NULL OR NOT isfinite(v_{name}))"
+    checks = [(bad, f"{noun} {name}")]
+    if name != "event_id":
+        checks.append((f"v_{name} < 0", f"negative {name}"))
+    return _Plan(value, checks=checks)
+
+
+def _plans(
+    resolved: dict[str, str], alias: dict[str, str], types: dict[str, str], ts_unit: TsUnit
+) -> dict[str, _Plan]:
+    plans: dict[str, _Plan] = {}
+    for col in schema.EVENT_COLUMNS:
+        if col.name not in resolved:
+            continue
+        src = resolved[col.name]
+        e, kind = alias[src], _kind(types[src])
+        if col.name == "ts":
+            plans[col.name] = _plan_ts(e, kind, ts_unit)
+        elif col.duckdb_type == "VARCHAR":
+            plans[col.name] = _plan_text(col.name, e, kind, col.required)
+        else:
+            plans[col.name] = _plan_number(
+                col.name, e, kind, col.duckdb_type, integer=col.duckdb_type != "DOUBLE"
+            )
+    return plans
+
+
+def _resolve_columns(
+    found: list[str], mapping: dict[str, str] | None, what: str
+) -> tuple[dict[str, str], list[str]]:
+    """canonical -> source column; plus the source columns nobody uses."""
+    mapping = dict(mapping or {})
+    settable = [c for c in schema.COLUMN_NAMES if c != "batch_id"]
+    unknown = sorted(set(mapping) - set(settable))
+    if unknown:
+        raise StoreError(
+            f"mapping names unknown column(s) {', '.join(unknown)}; known: {', '.join(settable)}"
+        )
+    absent = [f"{c}={s}" for c, s in mapping.items() if s not in found]
+    if absent:
+        raise IngestError(
+            f"{what}: mapped source column(s) not found: {', '.join(absent)}; "
+            f"columns found: {', '.join(found)}"
+        )
+    resolved = dict(mapping)
+    lower: dict[str, list[str]] = {}
+    for name in found:
+        lower.setdefault(name.lower(), []).append(name)
+    for canon in settable:
+        if canon in resolved:
+            continue
+        if canon in found:
+            resolved[canon] = canon
+        elif len(lower.get(canon, [])) == 1:
+            resolved[canon] = lower[canon][0]
+    missing = [c for c in schema.REQUIRED_COLUMNS if c not in resolved]
+    if missing:
+        raise IngestError(
+            f"{what}: missing required column(s) {', '.join(missing)}; "
+            f"columns found: {', '.join(found) or '(none)'}"
+            " (map them with mapping, e.g. ts=timestamp)"
+        )
+    used = set(resolved.values())
+    return resolved, [c for c in found if c not in used]
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch
+
+
+@dataclass
+class _Source:
+    name: str  # for reports and ingest_batches.source
+    checksum: str
+    select_sql: str  # SELECT producing __n (1-based row ordinal) and columns __s0, __s1, ...
+    params: dict[str, Any]
+    columns: list[str]  # original names, in alias order
+    types: dict[str, str]  # original name -> DuckDB type
+    rejects: bool  # CSV: structurally broken lines land in the reject tables
+    header_lines: int
+    stage_sql: str | None = None  # run first
+
+
+_REJECTS = "__fl_reject_errors"
+_REJECT_SCANS = "__fl_reject_scans"
+_CHECKED = "__fl_checked"
+_SORTED = "__fl_events_sorted"
+_STAGE = "__fl_stage"
+_SESSIONS = "__fl_sessions"
+_NEW = "__fl_new"
+_ORDINAL = "__fl_ordinal"
+
+_REJECT_REASON = """CASE error_type
+    WHEN 'TOO MANY COLUMNS' THEN 'wrong field count (too many)'
+    WHEN 'MISSING COLUMNS' THEN 'wrong field count (too few)'
+    WHEN 'UNQUOTED VALUE' THEN 'bad quoting'
+    WHEN 'UNTERMINATED QUOTES' THEN 'bad quoting'
+    WHEN 'INVALID ENCODING' THEN 'bad encoding (not UTF-8)'
+    WHEN 'LINE SIZE OVER MAXIMUM' THEN 'line too long'
+    ELSE 'malformed line: ' || lower(CAST(error_type AS VARCHAR)) END"""
+
+
+def _step_done(step: str) -> None:
+    if _FAIL_AFTER_STEP == step:
+        raise RuntimeError(f"injected failure after ingest step '{step}'")
+
+
+def _duplicate_batch(con: duckdb.DuckDBPyConnection, checksum: str) -> int | None:
+    row = _one(con.execute("SELECT batch_id FROM ingest_batches WHERE checksum = ?", [checksum]))
+    return int(row[0]) if row else None
+
+
+def _drop_scratch(con: duckdb.DuckDBPyConnection) -> None:
+    for table in (_STAGE, _CHECKED, _NEW, _SESSIONS, _REJECTS, _REJECT_SCANS):
+        con.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def _run_batch(
+    con: duckdb.DuckDBPyConnection,
+    src: _Source,
+    resolved: dict[str, str],
+    ignored: list[str],
+    event_map: dict[str, str] | None,
+    ts_unit: TsUnit,
+) -> IngestReport:
+    """Validate into connection-local temp tables, then write everything in one transaction.
+
+    The scratch tables live outside the transaction on purpose: they hold nothing the
+    database keeps, and DuckDB 2.0 was seen to scan tables created inside an open transaction
+    on one thread only (the whole ingest ran ~1.6x slower on 2 cores).
+    """
+    started = time.perf_counter()
+    dup = _duplicate_batch(con, src.checksum)
+    if dup is not None:
+        return _duplicate_report(src, dup, ignored, started)
+    con.execute("SET TimeZone = 'UTC'")
+    plans = _plans(resolved, {n: f"__s{i}" for i, n in enumerate(src.columns)}, src.types, ts_unit)
+    params: dict[str, Any] = {
+        **src.params,
+        "min_ts": _naive_utc(schema.MIN_TS),
+        "max_ts": _naive_utc(schema.MAX_TS),
+        "min_epoch": schema.MIN_TS.timestamp(),
+        "max_epoch": schema.MAX_TS.timestamp(),
+        "gap": schema.SESSION_GAP_MINUTES,
+    }
+    try:
+        _drop_scratch(con)
+        if src.stage_sql:
+            con.execute(src.stage_sql, _used(src.stage_sql, params))
+            params["rowid0"] = _first_rowid(con)
+        sql = _checked_sql(src, plans)
+        con.execute(sql, _used(sql, params))
+        con.execute(f"DROP TABLE IF EXISTS {_STAGE}")  # scratch goes as soon as used: memory
+        _step_done("read")
+        n_rows, n_ok = _one(
+            con.execute(
+                f"SELECT count(*), count(*) FILTER (WHERE reason IS NULL) FROM {_CHECKED}"  # noqa: S608
+            )
+        ) or (0, 0)
+        n_broken = 0
+        if src.rejects:
+            con.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {_REJECTS} AS SELECT CAST(NULL AS BIGINT)"
+                " AS line, CAST(NULL AS VARCHAR) AS error_type, CAST(NULL AS VARCHAR) AS"
+                " csv_line LIMIT 0"
+            )
+            row = _one(con.execute(f"SELECT count(DISTINCT line) FROM {_REJECTS}"))  # noqa: S608
+            n_broken = int(row[0]) if row else 0
+        rows_read = int(n_rows) + n_broken
+        if rows_read == 0:
+            raise IngestError(f"{Path(src.name).name}: no rows")
+        _sort_and_sessionize(con, plans, event_map, params)
+        _step_done("sort")
+
+        con.begin()
+        try:
+            # Checked again inside the transaction: another cursor of this process may have
+            # committed the same content meanwhile (the UNIQUE checksum would stop it anyway).
+            dup = _duplicate_batch(con, src.checksum)
+            if dup is not None:
+                con.rollback()
+                return _duplicate_report(src, dup, ignored, started)
+            report = _write_batch(con, src, plans, ignored, rows_read, int(n_ok), started)
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+    except duckdb.Error as exc:
+        raise IngestError(f"{Path(src.name).name}: cannot ingest: {_first_line(exc)}") from exc
+    finally:
+        _drop_scratch(con)
+    return report
+
+
+def _first_rowid(con: duckdb.DuckDBPyConnection) -> int:
+    """Row ids count up in insertion order (from 2**55 inside an open transaction)."""
+    row = _one(con.execute(f"SELECT min(rowid), max(rowid), count(*) FROM {_STAGE}"))  # noqa: S608
+    assert row is not None
+    lo, hi, n = row
+    if n and hi - lo + 1 != n:  # never seen; would make line numbers wrong, so refuse
+        raise StoreError("internal: staged rows are not contiguous; cannot number them")
+    return int(lo or 0)
+
+
+def _used(sql: str, params: dict[str, Any]) -> dict[str, Any]:
+    """DuckDB rejects named parameters that a statement does not use."""
+    return {k: v for k, v in params.items() if f"${k}" in sql}
+
+
+def _duplicate_report(src: _Source, dup: int, ignored: list[str], started: float) -> IngestReport:
+    return IngestReport(
+        None, src.name, src.checksum, 0, 0, 0, {}, dup, time.perf_counter() - started, ignored
+    )
+
+
+def _checked_sql(src: _Source, plans: dict[str, _Plan]) -> str:
+    """One pass over the source: typed canonical values, the first reason a row is bad (NULL
+    when it is good) and, for bad rows only, the source row as JSON."""
+    layer1 = ["__n"] + [f"__s{i}" for i in range(len(src.columns))]
+    for name, plan in plans.items():
+        layer1 += [f"{sql} AS {h}" for h, sql in plan.helpers.items()]
+        layer1.append(f"{plan.value} AS v_{name}")
+    whens = [
+        f"WHEN {cond} THEN '{reason}'" for plan in plans.values() for cond, reason in plan.checks
+    ]
+    reason0 = "CASE " + " ".join(whens) + " END" if whens else "CAST(NULL AS VARCHAR)"
+    reason = "reason0"
+    if "event_id" in plans:
+        # The first valid row with an id wins; ids already stored are duplicates too.
+        reason = (
+            "CASE WHEN reason0 IS NULL AND v_event_id IS NOT NULL AND (row_number() OVER"
+            " (PARTITION BY v_event_id, reason0 IS NULL ORDER BY __n) > 1"
+            " OR v_event_id IN (SELECT event_id FROM events))"
+            " THEN 'duplicate event_id' ELSE reason0 END"
+        )
+    raw = (
+        "to_json(struct_pack("
+        + ", ".join(f"{_ident(name)} := __s{i}" for i, name in enumerate(src.columns))
+        + "))"
+    )
+    values = ", ".join(f"v_{name}" for name in plans)
+    return f"""
+        CREATE TEMP TABLE {_CHECKED} AS
+        WITH s AS ({src.select_sql}),
+        l1 AS (SELECT {", ".join(layer1)} FROM s),
+        l2 AS (SELECT *, {reason0} AS reason0 FROM l1),
+        l3 AS (SELECT *, {reason} AS reason FROM l2)
+        SELECT __n, {values}, reason,
+               CASE WHEN reason IS NOT NULL THEN CAST({raw} AS VARCHAR) END AS raw
+        FROM l3"""  # noqa: S608
+
+
+def _sort_and_sessionize(
+    con: duckdb.DuckDBPyConnection,
+    plans: dict[str, _Plan],
+    event_map: dict[str, str] | None,
+    params: dict[str, Any],
+) -> None:
+    """Valid rows as event columns in table _SESSIONS, sorted by (user_id, ts, __n), with the
+    row ordinal __n (event_id is NULL where one is to be assigned) and __start, the start of
+    the row's derived session (used where session_id is NULL)."""
+    exprs: dict[str, str] = {}
+    for col in schema.EVENT_COLUMNS:
+        if col.name in plans:
+            exprs[col.name] = f"v_{col.name}"
+        else:
+            exprs[col.name] = "NULL"
+    if event_map:
+        params["map_keys"] = list(event_map)
+        params["map_vals"] = list(event_map.values())
+        exprs["event_type"] = (
+            "coalesce(map_extract_value(MAP($map_keys::VARCHAR[], $map_vals::VARCHAR[]),"
+            " v_event_type), v_event_type)"
+        )
+    select = ", ".join(f"CAST({exprs[c]} AS {t}) AS {c}" for c, t in schema.COLUMN_TYPES.items())
+    sql = (
+        f"CREATE TEMP TABLE {_NEW} AS SELECT {select}, __n FROM {_CHECKED}"  # noqa: S608
+        " WHERE reason IS NULL ORDER BY user_id, ts, __n"
+    )
+    con.execute(sql, _used(sql, params))
+    row = _one(con.execute(f"SELECT count(*) FILTER (WHERE session_id IS NULL) FROM {_NEW}"))  # noqa: S608
+    if not row or not row[0]:
+        con.execute(f"ALTER TABLE {_NEW} ADD COLUMN __start TIMESTAMP")
+        con.execute(f"ALTER TABLE {_NEW} RENAME TO {_SESSIONS}")
+        return
+    # A session starts at a user's first event and after every gap longer than the limit;
+    # its id is the user plus the session's start time, stable across re-runs and batches.
+    # The windows have an empty OVER (): DuckDB streams them in scan order (its streaming
+    # window is a fixed-order operator), and the scan order of _NEW is (user_id, ts, __n).
+    # Only the session start is computed here (one thread); the id string is built by the
+    # parallel insert.
+    sql = f"""CREATE TEMP TABLE {_SESSIONS} AS
+        WITH g AS (SELECT *, CASE WHEN user_id = lag(user_id) OVER ()
+                                   AND ts - lag(ts) OVER () <= to_minutes(CAST($gap AS BIGINT))
+                                  THEN NULL ELSE ts END AS __start FROM {_NEW})
+        SELECT * EXCLUDE (__start),
+               last_value(__start IGNORE NULLS) OVER (ROWS UNBOUNDED PRECEDING) AS __start
+        FROM g"""  # noqa: S608
+    con.execute(sql, _used(sql, params))
+    con.execute(f"DROP TABLE {_NEW}")
+
+
+def _write_batch(
+    con: duckdb.DuckDBPyConnection,
+    src: _Source,
+    plans: dict[str, _Plan],
+    ignored: list[str],
+    rows_read: int,
+    n_ok: int,
+    started: float,
+) -> IngestReport:
+    """The writes of a batch; the caller holds the transaction."""
+    row = _one(con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_batches"))
+    batch_id = int(row[0]) if row else 1
+    ids = {"batch_id": batch_id, "source": src.name}
+
+    # Quarantine: value-level rejects with the row as JSON, then structural rejects with the
+    # CSV line text. DuckDB numbers CSV records (header included); a valid row's record number
+    # is its position among rows plus the header plus the broken records before it.
+    if src.rejects:
+        con.execute(
+            f"""INSERT INTO quarantine
+            WITH rj AS (SELECT line, row_number() OVER (ORDER BY line) AS j
+                        FROM (SELECT DISTINCT line FROM {_REJECTS})),
+                 g AS (SELECT line - $header - j AS good_before, max(j) AS k FROM rj GROUP BY 1)
+            SELECT $batch_id, $source, c.__n + $header + coalesce(g.k, 0), c.reason, c.raw
+            FROM {_CHECKED} c ASOF LEFT JOIN g ON c.__n > g.good_before
+            WHERE c.reason IS NOT NULL ORDER BY c.__n""",  # noqa: S608
+            {**ids, "header": src.header_lines},
+        )
+        con.execute(
+            f"""INSERT INTO quarantine
+            SELECT $batch_id, $source, line, {_REJECT_REASON},
+                   trim(csv_line, chr(10) || chr(13))
+            FROM (SELECT line, arg_min(error_type, error_type) AS error_type,
+                         arg_min(csv_line, error_type) AS csv_line
+                  FROM {_REJECTS} GROUP BY line)
+            ORDER BY line""",  # noqa: S608
+            ids,
+        )
+    else:
+        con.execute(
+            f"""INSERT INTO quarantine SELECT $batch_id, $source, __n, reason, raw
+            FROM {_CHECKED} WHERE reason IS NOT NULL ORDER BY __n""",  # noqa: S608
+            ids,
+        )
+    _step_done("quarantine")
+    reasons = {
+        str(r): int(n)
+        for r, n in con.execute(
+            "SELECT reason, count(*) AS n FROM quarantine WHERE batch_id = ?"
+            " GROUP BY reason ORDER BY n DESC, reason",
+            [batch_id],
+        ).fetchall()
+    }
+
+    _insert_events(con, plans, batch_id)
+    _step_done("events")
+
+    seconds = time.perf_counter() - started
+    con.execute(
+        "INSERT INTO ingest_batches VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            batch_id,
+            src.name,
+            src.checksum,
+            _naive_utc(datetime.now(UTC)),
+            rows_read,
+            n_ok,
+            rows_read - n_ok,
+            seconds,
+        ],
+    )
+    _step_done("record")
+    return IngestReport(
+        batch_id,
+        src.name,
+        src.checksum,
+        rows_read,
+        n_ok,
+        rows_read - n_ok,
+        reasons,
+        None,
+        seconds,
+        ignored,
+    )
+
+
+def _insert_events(con: duckdb.DuckDBPyConnection, plans: dict[str, _Plan], batch_id: int) -> None:
+    """Append _SESSIONS to events with ids and batch set, keeping events sorted."""
+    if "event_id" in plans:
+        # _CHECKED compared ids with events before this transaction began.
+        clash = _one(
+            con.execute(
+                f"SELECT count(*) FROM {_SESSIONS} JOIN events USING (event_id)"  # noqa: S608
+            )
+        )
+        if clash and clash[0]:
+            raise IngestError("events changed while this file was validated; ingest it again")
+    row = _one(
+        con.execute(
+            f"SELECT greatest((SELECT max(event_id) FROM events),"  # noqa: S608
+            f" (SELECT max(event_id) FROM {_SESSIONS}), 0)"
+        )
+    )
+    params = {"batch_id": batch_id, "base": int(row[0]) if row and row[0] is not None else 0}
+    exprs = {
+        "event_id": "coalesce(event_id, $base + __n)",
+        "batch_id": "CAST($batch_id AS BIGINT)",
+        "session_id": "coalesce(session_id, user_id || ':' || strftime(__start, '%Y%m%dT%H%M%S'))",
+    }
+    cols = ", ".join(f"{exprs[c]} AS {c}" if c in exprs else c for c in schema.COLUMN_NAMES)
+    new_rows = f"SELECT {cols} FROM {_SESSIONS}"  # noqa: S608
+    existing = _one(con.execute("SELECT count(*) FROM events"))
+    if not existing or not existing[0]:
+        # _SESSIONS is in (user_id, ts, __n) order and generated ids grow with __n, so the
+        # rows land sorted by (user_id, ts, event_id) with no second sort.
+        con.execute(f"INSERT INTO events {new_rows}", params)  # noqa: S608
+        return
+    # Rewrite rather than append so the table stays physically sorted: zone maps then serve
+    # per-user lookups with no index.
+    con.execute(f"DROP TABLE IF EXISTS {_SORTED}")
+    con.execute(
+        f"CREATE TABLE {_SORTED} AS SELECT * FROM (SELECT * FROM events UNION ALL"  # noqa: S608
+        f" {new_rows}) ORDER BY user_id, ts, event_id",
+        params,
+    )
+    con.execute("DROP TABLE events")
+    con.execute(f"ALTER TABLE {_SORTED} RENAME TO events")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public ingest entry points
+
+
+def ingest_file(
+    con: duckdb.DuckDBPyConnection,
+    path: str | Path,
+    *,
+    mapping: dict[str, str] | None = None,
+    event_map: dict[str, str] | None = None,
+    columns: list[str] | None = None,
+    ts_unit: TsUnit = "auto",
+    delimiter: str | None = None,
+) -> IngestReport:
+    """Ingest a CSV (optionally .gz) or Parquet file as one batch; see the module docstring.
+
+    `mapping` is canonical name -> source column; `columns` names the fields of a headerless
+    CSV. Re-ingesting the same bytes is a no-op reported through `duplicate_of`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IngestError(f"{path}: file not found")
+    kind, head = _detect_format(path)
+    checksum = _sha256_file(path)
+    if kind == "parquet":
+        src = _parquet_source(con, path, checksum)
+    else:
+        src = _csv_source(path, head, checksum, columns, delimiter)
+    resolved, ignored = _resolve_columns(src.columns, mapping, path.name)
+    return _run_batch(con, src, resolved, ignored, event_map, ts_unit)
+
+
+def _parquet_source(con: duckdb.DuckDBPyConnection, path: Path, checksum: str) -> _Source:
+    try:
+        desc = con.execute("SELECT * FROM read_parquet(?) LIMIT 0", [str(path)]).description
+    except duckdb.Error as exc:
+        raise IngestError(f"{path.name}: cannot read Parquet: {_first_line(exc)}") from exc
+    names = [d[0] for d in desc]
+    types = {d[0]: str(d[1]) for d in desc}
+    select = ", ".join(f"{_ident(n)} AS __s{i}" for i, n in enumerate(names))
+    return _Source(
+        str(path),
+        checksum,
+        # file_row_number keeps the scan parallel (row_number() OVER () would serialise it).
+        f"SELECT file_row_number + 1 AS __n, {select}"  # noqa: S608
+        " FROM read_parquet($path, file_row_number = true)",
+        {"path": str(path)},
+        names,
+        types,
+        rejects=False,
+        header_lines=0,
+    )
+
+
+def _csv_source(
+    path: Path, head: bytes, checksum: str, columns: list[str] | None, delimiter: str | None
+) -> _Source:
+    first = _first_line_text(head)
+    if not first.strip():
+        raise IngestError(f"{path.name}: no rows (the first line is empty)")
+    if delimiter is None:
+        stem = path.name.lower().removesuffix(".gz")
+        delimiter = (
+            "\t"
+            if stem.endswith((".tsv", ".tab"))
+            else _sniff_delimiter(first, len(columns) if columns else None)
+        )
+    if len(delimiter) != 1:
+        raise IngestError(f"delimiter must be one character, got {delimiter!r}")
+    fields = _split_line(first, delimiter)
+    if columns is not None:
+        names = _unique_names(columns)
+        if len(fields) != len(names):
+            raise IngestError(
+                f"{path.name}: columns= gives {len(names)} names ({', '.join(names)}) but the "
+                f"first line has {len(fields)} fields with delimiter {delimiter!r}"
+            )
+        header = False
+    else:
+        names = _unique_names(fields)
+        header = True
+    params = {
+        "path": str(path),
+        "delim": delimiter,
+        "header": header,
+        "cols": {f"__s{i}": "VARCHAR" for i in range(len(names))},
+    }
+    # auto_detect off: DuckDB's sniffer guesses wrong on files with broken lines, and every
+    # dialect choice is fixed above anyway. strict_mode sends malformed lines to the rejects.
+    # Staged into a temp table so the parse runs in parallel and rowid gives the row ordinal
+    # (row_number() OVER () would force a single thread).
+    stage = (
+        f"CREATE TEMP TABLE {_STAGE} AS SELECT * FROM read_csv($path, auto_detect = false,"  # noqa: S608
+        " delim = $delim, quote = '\"',"
+        " escape = '\"', header = $header, columns = $cols, strict_mode = true,"
+        f" store_rejects = true, rejects_table = '{_REJECTS}',"
+        f" rejects_scan = '{_REJECT_SCANS}')"
+    )
+    types = dict.fromkeys(names, "VARCHAR")
+    return _Source(
+        str(path),
+        checksum,
+        f"SELECT rowid - $rowid0 + 1 AS __n, * FROM {_STAGE}",  # noqa: S608
+        params,
+        names,
+        types,
+        rejects=True,
+        header_lines=1 if header else 0,
+        stage_sql=stage,
+    )
+
+
+class _HashSink:
+    """File-like object that hashes what Arrow writes to it instead of keeping it."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _arrow_checksum(table: pa.Table) -> str:
+    """sha256 of the table's content as Arrow IPC, independent of chunking and of schema
+    metadata (pandas stores its index and version there)."""
+    table = table.replace_schema_metadata(None).combine_chunks()
+    sink = _HashSink()
+    with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), table.schema) as writer:
+        writer.write_table(table, max_chunksize=1 << 16)
+    return sink.digest.hexdigest()
+
+
+def ingest_dataframe(
+    con: duckdb.DuckDBPyConnection,
+    df: pd.DataFrame | pa.Table,
+    *,
+    source: str,
+    mapping: dict[str, str] | None = None,
+    event_map: dict[str, str] | None = None,
+    ts_unit: TsUnit = "auto",
+) -> IngestReport:
+    """Ingest an in-memory frame as one batch, with the same rules as `ingest_file`."""
+    if isinstance(df, pd.DataFrame):
+        frame = df.copy(deep=False)
+        frame.columns = [str(c) for c in frame.columns]
+        try:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise IngestError(f"{source}: cannot convert the frame: {_first_line(exc)}") from exc
+    elif isinstance(df, pa.Table):
+        table = df
+    else:
+        raise IngestError(f"{source}: expected a pandas DataFrame or pyarrow Table")
+    names = [str(n) for n in table.column_names]
+    if len(set(names)) != len(names) or _ORDINAL in names:
+        raise IngestError(f"{source}: duplicate or reserved column names: {', '.join(names)}")
+    if table.num_rows == 0:
+        raise IngestError(f"{source}: no rows")
+    resolved, ignored = _resolve_columns(names, mapping, source)
+    checksum = _arrow_checksum(table)
+    # An ordinal column keeps the scan parallel (row_number() OVER () would serialise it).
+    table = table.append_column(_ORDINAL, pa.array(np.arange(1, table.num_rows + 1)))
+    view = f"__fl_df_{uuid.uuid4().hex}"
+    con.register(view, table)
+    try:
+        desc = con.execute(f"SELECT * FROM {view} LIMIT 0").description  # noqa: S608
+        types = {d[0]: str(d[1]) for d in desc}
+        select = ", ".join(f"{_ident(n)} AS __s{i}" for i, n in enumerate(names))
+        src = _Source(
+            source,
+            checksum,
+            f"SELECT {_ORDINAL} AS __n, {select} FROM {view}",  # noqa: S608
+            {},
+            names,
+            types,
+            rejects=False,
+            header_lines=0,
+        )
+        return _run_batch(con, src, resolved, ignored, event_map, ts_unit)
+    finally:
+        con.unregister(view)
+
+
+def write_truth(
+    con: duckdb.DuckDBPyConnection, truth_users: pd.DataFrame, truth_events: pd.DataFrame
+) -> None:
+    """Replace the simulator ground truth (truth_users, truth_events) in one transaction."""
+    need = {
+        "truth_users": ("user_id", "typology"),
+        "truth_events": ("event_id", "user_id", "typology"),
+    }
+    frames = {"truth_users": truth_users, "truth_events": truth_events}
+    for table, cols in need.items():
+        missing = [c for c in cols if c not in frames[table].columns]
+        if missing:
+            raise StoreError(f"{table} is missing column(s) {', '.join(missing)}")
+    con.begin()
+    try:
+        for table, cols in need.items():
+            view = f"__fl_{table}_{uuid.uuid4().hex}"
+            con.register(view, frames[table][list(cols)])
+            try:
+                con.execute(f"DELETE FROM {table}")  # noqa: S608
+                con.execute(f"INSERT INTO {table} SELECT {', '.join(cols)} FROM {view}")  # noqa: S608
+            finally:
+                con.unregister(view)
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries
+
+
+def _naive_utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def _time_filter(start: datetime | None, end: datetime | None) -> tuple[str, list[Any]]:
+    """Half-open [start, end) filter on ts, as SQL text plus its parameters."""
+    clauses, params = [], []
+    if start is not None:
+        clauses.append("ts >= ?")
+        params.append(_naive_utc(start))
+    if end is not None:
+        clauses.append("ts < ?")
+        params.append(_naive_utc(end))
+    return "".join(f" AND {c}" for c in clauses), params
+
+
+@dataclass
+class DatasetSummary:
+    n_events: int
+    n_users: int
+    n_sessions: int
+    first_ts: datetime | None
+    last_ts: datetime | None
+    event_type_counts: dict[str, int]
+    n_batches: int
+    n_quarantined: int
+    fraud_share: float | None
+    typology_counts: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("first_ts", "last_ts"):
+            out[key] = out[key].isoformat() if out[key] is not None else None
+        return out
+
+
+def dataset_summary(con: duckdb.DuckDBPyConnection) -> DatasetSummary:
+    """Counts for the data page. fraud_share = users with a fraud typology in truth_users
+    (typology not empty and not 'normal') over all users; None without ground truth."""
+    row = _one(
+        con.execute(
+            "SELECT count(*), count(DISTINCT user_id), count(DISTINCT session_id), min(ts), max(ts)"
+            " FROM events"
+        )
+    )
+    assert row is not None
+    types = con.execute(
+        "SELECT event_type, count(*) AS n FROM events GROUP BY 1 ORDER BY n DESC, 1"
+    ).fetchall()
+    batches = _one(con.execute("SELECT count(*) FROM ingest_batches"))
+    quarantined = _one(con.execute("SELECT count(*) FROM quarantine"))
+    typologies = con.execute(
+        "SELECT typology, count(DISTINCT user_id) AS n FROM truth_users"
+        " WHERE typology IS NOT NULL AND typology NOT IN ('', 'normal')"
+        " GROUP BY 1 ORDER BY n DESC, 1"
+    ).fetchall()
+    truth_rows = _one(con.execute("SELECT count(*) FROM truth_users"))
+    fraud_share: float | None = None
+    if truth_rows and truth_rows[0]:
+        fraud = _one(
+            con.execute(
+                "SELECT count(DISTINCT user_id) FROM truth_users"
+                " WHERE typology IS NOT NULL AND typology NOT IN ('', 'normal')"
+            )
+        )
+        n_users = int(row[1]) or int(truth_rows[0])
+        fraud_share = (int(fraud[0]) if fraud else 0) / n_users
+    return DatasetSummary(
+        n_events=int(row[0]),
+        n_users=int(row[1]),
+        n_sessions=int(row[2]),
+        first_ts=row[3],
+        last_ts=row[4],
+        event_type_counts={str(t): int(n) for t, n in types},
+        n_batches=int(batches[0]) if batches else 0,
+        n_quarantined=int(quarantined[0]) if quarantined else 0,
+        fraud_share=fraud_share,
+        typology_counts={str(t): int(n) for t, n in typologies},
+    )
+
+
+_EVENT_SELECT = ", ".join(schema.COLUMN_NAMES)
+
+
+def user_events(
+    con: duckdb.DuckDBPyConnection,
+    user_id: str,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> pd.DataFrame:
+    """One user's events in [start, end), sorted by ts (then event_id)."""
+    where, params = _time_filter(start, end)
+    return con.execute(
+        f"SELECT {_EVENT_SELECT} FROM events WHERE user_id = ?{where}"  # noqa: S608
+        " ORDER BY ts, event_id",
+        [user_id, *params],
+    ).df()
+
+
+def active_users(
+    con: duckdb.DuckDBPyConnection,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    *,
+    min_events: int = 1,
+    limit: int | None = None,
+) -> pd.DataFrame:
+    """Users with at least `min_events` events in [start, end), most active first."""
+    where, params = _time_filter(start, end)
+    sql = (
+        "SELECT user_id, count(*) AS n_events, count(DISTINCT session_id) AS n_sessions,"  # noqa: S608
+        f" min(ts) AS first_ts, max(ts) AS last_ts FROM events WHERE TRUE{where}"
+        " GROUP BY user_id HAVING count(*) >= ? ORDER BY n_events DESC, user_id"
+    )
+    params.append(int(min_events))
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(int(limit))
+    return con.execute(sql, params).df()
+
+
+def shared_entities(con: duckdb.DuckDBPyConnection, user_id: str) -> pd.DataFrame:
+    """Devices, IPs and cards this user shares with other users, with those users' event
+    counts on the shared value."""
+    parts, params = [], []
+    for col in schema.ENTITY_COLUMNS:  # identifiers from the fixed schema list
+        parts.append(
+            f"SELECT '{col}' AS entity_type, {col} AS entity_value, user_id AS other_user_id,"  # noqa: S608
+            f" count(*) AS other_events FROM events WHERE user_id <> ? AND {col} IN"
+            f" (SELECT {col} FROM events WHERE user_id = ? AND {col} IS NOT NULL)"
+            " GROUP BY ALL"
+        )
+        params += [user_id, user_id]
+    sql = (
+        " UNION ALL ".join(parts)
+        + " ORDER BY entity_type, entity_value, other_events DESC, other_user_id"
+    )
+    return con.execute(sql, params).df()
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI / page argument parsing
+
+
+def parse_mapping(items: list[str]) -> dict[str, str]:
+    """["ts=timestamp", "user_id=visitorid"] -> {"ts": "timestamp", "user_id": "visitorid"}."""
+    settable = [c for c in schema.COLUMN_NAMES if c != "batch_id"]
+    out: dict[str, str] = {}
+    for item in items:
+        canon, sep, source = (part.strip() for part in item.partition("="))
+        if not sep or not canon or not source:
+            raise StoreError(f"bad mapping {item!r}: expected COLUMN=SOURCE, e.g. ts=timestamp")
+        if canon not in settable:
+            raise StoreError(
+                f"bad mapping {item!r}: {canon!r} is not a column; known: {', '.join(settable)}"
+            )
+        if canon in out:
+            raise StoreError(f"bad mapping: {canon!r} is mapped twice")
+        out[canon] = source
+    return out
+
+
+def parse_event_map(text: str) -> dict[str, str]:
+    """ "pv=view,buy=purchase" -> {"pv": "view", "buy": "purchase"}."""
+    out: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        src, sep, dst = (part.strip() for part in item.partition("="))
+        if not sep or not src or not dst:
+            raise StoreError(f"bad event map entry {item.strip()!r}: expected SOURCE=EVENT_TYPE")
+        out[src] = dst
+    return out
+
+
+__all__ = [
+    "DatasetSummary",
+    "IngestError",
+    "IngestReport",
+    "StoreError",
+    "StoreLockedError",
+    "active_users",
+    "connect",
+    "dataset_summary",
+    "ingest_dataframe",
+    "ingest_file",
+    "migrate",
+    "parse_event_map",
+    "parse_mapping",
+    "shared_entities",
+    "user_events",
+    "write_truth",
+]

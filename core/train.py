@@ -1,0 +1,380 @@
+"""Self-supervised pretraining and supervised fine-tuning of the behaviour model.
+
+Pretraining teaches the model what normal behaviour looks like: next-event prediction on every
+user's sequence (no labels needed). Fine-tuning then trains the sequence head on labels —
+simulator truth in the demo, analyst labels in real use — while keeping the next-event loss,
+so per-event surprisal stays meaningful after fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from core.model import BehaviorConfig, BehaviorModel
+from core.sequences import SequenceFeaturizer, Windows, load_events, make_windows
+
+Size = Literal["tiny", "small", "base"]
+
+
+@dataclass
+class TrainConfig:
+    size: Size = "small"
+    epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_share: float = 0.05
+    max_len: int = 256
+    grad_clip: float = 1.0
+    patience: int = 1
+    seed: int = 0
+    val_share: float = 0.1
+    supervised: bool = True
+    supervised_epochs: int = 2
+    supervised_learning_rate: float = 3e-4
+    device: str = "auto"
+    max_train_windows: int | None = None
+    top_k: int = 5
+
+
+@dataclass
+class TrainResult:
+    model_id: str
+    path: Path
+    metrics: dict[str, float | int | str | None] = field(default_factory=dict)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    # bf16 only pays off on CUDA; on this class of CPU it is ~16x slower than fp32.
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    )
+
+
+def new_model_id(size: str) -> str:
+    return f"{size}-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
+
+
+def _seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _user_split(user_ids: np.ndarray, val_share: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation users (a user's windows never straddle the split)."""
+    rng = np.random.default_rng(seed)
+    return rng.random(len(user_ids)) < val_share
+
+
+def _take(windows: Windows, index: np.ndarray) -> Windows:
+    return Windows(
+        fields=windows.fields[index],
+        mask=windows.mask[index],
+        event_ids=windows.event_ids[index],
+        user_index=windows.user_index[index],
+        start=windows.start[index],
+    )
+
+
+def _batches(
+    windows: Windows, batch_size: int, *, shuffle: bool, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+    """Length-bucketed batches: shuffle, then sort chunks of ~50 batches by length so padding
+    is small without making batch order deterministic in length."""
+    n = len(windows.mask)
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    lengths = windows.mask.sum(axis=1)
+    chunk = batch_size * 50
+    for lo in range(0, n, chunk):
+        part = order[lo : lo + chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        for b in range(0, len(part), batch_size):
+            idx = part[b : b + batch_size]
+            width = int(lengths[idx].max())
+            fields = torch.from_numpy(windows.fields[idx, :width].astype(np.int64))
+            mask = torch.from_numpy(windows.mask[idx, :width])
+            yield fields, mask, idx
+
+
+def _evaluate_nll(
+    model: BehaviorModel, windows: Windows, batch_size: int, device: torch.device
+) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for fields, mask, _ in _batches(windows, batch_size * 2, shuffle=False, seed=0):
+            with autocast(device):
+                out = model(fields=fields.to(device), attention_mask=mask.to(device))
+            total += float(out.surprisal.float().sum())
+            count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def _save_checkpoint(
+    path: Path,
+    model: BehaviorModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict,
+) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "state.pt.tmp"
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state,
+        },
+        tmp,
+    )
+    tmp.replace(path / "state.pt")  # atomic: a crash mid-save keeps the previous checkpoint
+
+
+def pretrain(
+    model: BehaviorModel,
+    train: Windows,
+    val: Windows,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, float | int]:
+    """Next-event pretraining with AdamW, warm-up + cosine decay, clipping and early stopping."""
+    model.to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
+    steps_per_epoch = math.ceil(len(train.mask) / cfg.batch_size)
+    total_steps = max(steps_per_epoch * cfg.epochs, 1)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(cfg.warmup_share * total_steps), total_steps
+    )
+    state: dict = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "history": []}
+    ckpt = checkpoint_dir / "state.pt" if checkpoint_dir else None
+    if ckpt is not None and ckpt.exists():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tokens, seconds = 0, 0.0
+    while state["epoch"] < cfg.epochs and state["bad_epochs"] <= cfg.patience:
+        epoch = state["epoch"]
+        model.train()
+        started = time.perf_counter()
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"pretrain epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            disable=not progress,
+        )
+        for fields, mask, _ in _batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
+            fields, mask = fields.to(device), mask.to(device)
+            with autocast(device):
+                out = model(fields=fields, attention_mask=mask)
+            loss = out.nll_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            tokens += int(mask.sum())
+            bar.update(1)
+            bar.set_postfix(nll=f"{float(loss):.3f}")
+        bar.close()
+        seconds += time.perf_counter() - started
+        val_nll = _evaluate_nll(model, val, cfg.batch_size, device) if len(val.mask) else math.nan
+        state["history"].append({"epoch": epoch + 1, "val_nll": val_nll})
+        if not math.isnan(val_nll) and val_nll < state["best_val"] - 1e-4:
+            state["best_val"] = val_nll
+            state["bad_epochs"] = 0
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif not math.isnan(val_nll):
+            state["bad_epochs"] += 1
+        else:
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state["epoch"] = epoch + 1
+        if checkpoint_dir is not None:
+            _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state)
+    model.load_state_dict(best_weights)
+    return {
+        "pretrain_epochs": state["epoch"],
+        "val_nll": state["best_val"] if state["best_val"] < math.inf else math.nan,
+        "train_tokens_per_s": tokens / seconds if seconds else math.nan,
+    }
+
+
+def finetune(
+    model: BehaviorModel,
+    train: Windows,
+    window_labels: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    progress: bool = True,
+) -> dict[str, float | int]:
+    """Train the sequence head (and the backbone, gently) on labels, keeping the next-event loss.
+
+    Fraud is rare, so the positive class is up-weighted by the negative/positive ratio.
+    """
+    positives = float(window_labels.sum())
+    negatives = float(len(window_labels) - positives)
+    pos_weight = torch.tensor(min(negatives / max(positives, 1.0), 100.0), device=device)
+    model.to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.supervised_learning_rate, weight_decay=cfg.weight_decay
+    )
+    steps = max(math.ceil(len(train.mask) / cfg.batch_size) * cfg.supervised_epochs, 1)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_share * steps), steps)
+    labels_all = torch.from_numpy(window_labels.astype(np.float32))
+    bce = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    for epoch in range(cfg.supervised_epochs):
+        model.train()
+        bar = tqdm(
+            total=math.ceil(len(train.mask) / cfg.batch_size),
+            desc=f"fine-tune epoch {epoch + 1}/{cfg.supervised_epochs}",
+            unit="batch",
+            disable=not progress,
+        )
+        for fields, mask, idx in _batches(
+            train, cfg.batch_size, shuffle=True, seed=cfg.seed + 1000 + epoch
+        ):
+            fields, mask = fields.to(device), mask.to(device)
+            labels = labels_all[idx].to(device)
+            with autocast(device):
+                out = model(fields=fields, attention_mask=mask)
+            loss = bce(out.sequence_logit.float(), labels) + out.nll_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.close()
+    return {
+        "finetune_epochs": cfg.supervised_epochs,
+        "positives": int(positives),
+        "pos_weight": float(pos_weight),
+    }
+
+
+def training_labels(con: duckdb.DuckDBPyConnection, user_ids: Sequence[str]) -> np.ndarray | None:
+    """1 = fraud, 0 = legit, per user, from demo truth or analyst labels; None when too few."""
+    from core.evaluate import load_truth
+
+    y, _ = load_truth(con, list(user_ids))
+    y = np.asarray(y, dtype=float)
+    if np.nansum(y == 1) < 5 or np.nansum(y == 0) < 5:
+        return None
+    return y
+
+
+def train_model(
+    con: duckdb.DuckDBPyConnection,
+    cfg: TrainConfig,
+    *,
+    models_dir: Path,
+    users: Sequence[str] | None = None,
+    until: datetime | None = None,
+    model_id: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fit featuriser, pretrain, optionally fine-tune, fit the score reference, save, register."""
+    from core.scoring import fit_score_reference, register_model
+
+    _seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    model_id = model_id or new_model_id(cfg.size)
+    path = Path(models_dir) / model_id
+    path.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    events = load_events(con, users=users, end=until)
+    if events.num_rows == 0:
+        raise ValueError("no events to train on (check --users-file / --until)")
+    featurizer = SequenceFeaturizer().fit(events)
+    encoded = featurizer.transform(events)
+    windows = make_windows(encoded, max_len=cfg.max_len)
+    is_val_user = _user_split(encoded.user_ids, cfg.val_share, cfg.seed)
+    val_mask = is_val_user[windows.user_index]
+    train_idx = np.flatnonzero(~val_mask)
+    if cfg.max_train_windows is not None and len(train_idx) > cfg.max_train_windows:
+        rng = np.random.default_rng(cfg.seed)
+        train_idx = np.sort(rng.choice(train_idx, cfg.max_train_windows, replace=False))
+    train_w, val_w = _take(windows, train_idx), _take(windows, np.flatnonzero(val_mask))
+
+    config = BehaviorConfig.from_size(cfg.size, featurizer.vocab_sizes(), max_len=cfg.max_len)
+    model = BehaviorModel(config)
+    metrics: dict[str, float | int | str | None] = {
+        "n_users": len(encoded.user_ids),
+        "n_events": int(events.num_rows),
+        "n_train_windows": len(train_idx),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+    }
+    metrics.update(
+        pretrain(
+            model,
+            train_w,
+            val_w,
+            cfg,
+            device=device,
+            checkpoint_dir=path / "checkpoint",
+            progress=progress,
+        )
+    )
+
+    metrics["supervised"] = False
+    if cfg.supervised:
+        y_user = training_labels(con, list(encoded.user_ids))
+        if y_user is None:
+            metrics["supervised_skipped"] = "fewer than 5 fraud and 5 legit labelled users"
+        else:
+            window_y = y_user[train_w.user_index]
+            keep = ~np.isnan(window_y)
+            metrics.update(
+                finetune(
+                    model,
+                    _take(train_w, np.flatnonzero(keep)),
+                    window_y[keep],
+                    cfg,
+                    device=device,
+                    progress=progress,
+                )
+            )
+            metrics["supervised"] = True
+            model.config.has_supervised_head = True
+
+    model.eval()
+    reference = fit_score_reference(model, featurizer, encoded, cfg, device=device)
+    model.save_pretrained(path)
+    featurizer.save(path)
+    reference.save(path)
+    (path / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    metrics["train_seconds"] = round(time.perf_counter() - started, 1)
+    (path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    register_model(con, model_id, path, cfg, metrics)
+    return TrainResult(model_id=model_id, path=path, metrics=metrics)
