@@ -2,21 +2,71 @@
 
 from __future__ import annotations
 
+import getpass
+from pathlib import Path
+
 import streamlit as st
 
 from core.config import get_settings
+from pages._shared import DEFAULT_THRESHOLD, dataset_span, models_list, saved_threshold
 
 st.set_page_config(page_title="fraudlens", page_icon="🔎", layout="wide")
 
-settings = get_settings()
-st.session_state.setdefault("db_path", str(settings.db_path))
+state = st.session_state
+state.setdefault("db_path", str(get_settings().db_path))
 
-pages = [
-    st.Page("pages/overview.py", title="Overview", icon="📊", url_path="overview", default=True),
-]
+pages = {
+    "Work": [
+        st.Page("pages/triage.py", title="Triage", icon="🚨", url_path="triage", default=True),
+        st.Page("pages/investigate.py", title="Investigate", icon="🔍", url_path="investigate"),
+        st.Page("pages/cases.py", title="Cases", icon="🗂️", url_path="cases"),
+    ],
+    "Tune": [
+        st.Page("pages/thresholds.py", title="Thresholds", icon="🎚️", url_path="thresholds"),
+        st.Page("pages/data_model.py", title="Data & model", icon="🗄️", url_path="data"),
+    ],
+}
 navigation = st.navigation(pages)
 
 with st.sidebar:
-    st.caption(f"Database: `{st.session_state['db_path']}`")
+    st.text_input("Analyst", key="analyst", value=state.get("analyst") or getpass.getuser())
+    if Path(state["db_path"]).exists():
+        first, last, n_events = dataset_span(state["db_path"])
+        if first is not None and last is not None:
+            if "time_range" not in state:
+                state["time_range"] = (first.date(), last.date())
+            st.date_input(
+                "Time range (UTC)",
+                key="time_range",
+                min_value=first.date(),
+                max_value=last.date(),
+                help="Applies to every page.",
+            )
+        models = models_list(state["db_path"])
+        state["_models"] = models
+        if not models.empty:
+            ids = models["model_id"].tolist()
+            if state.get("model_id") not in ids:
+                state["model_id"] = ids[0]
+            st.selectbox("Model", ids, key="model_id")
+            if "threshold" not in state:
+                saved = saved_threshold(state["db_path"], state["model_id"])
+                state["threshold"] = saved if saved is not None else DEFAULT_THRESHOLD
+            st.number_input(
+                "Alert threshold (combined score)",
+                key="threshold",
+                min_value=0.0,
+                max_value=1.0,
+                step=0.01,
+                format="%.2f",
+                help="Users scoring at or above it are alerts. Tune it on the Thresholds page.",
+            )
+        else:
+            state["model_id"] = None
+        st.caption(f"`{state['db_path']}` · {n_events:,} events")
+    else:
+        state["_models"] = None
+        state["model_id"] = None
+        st.caption(f"No database yet at `{state['db_path']}`")
 
 navigation.run()

@@ -3,55 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import resource
-import subprocess
-from datetime import UTC, datetime
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.machine import describe_machine as machine  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        mem_gib = round(pages / 2**30, 1)
-    except (ValueError, OSError):
-        pass
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": mem_gib,
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "commit": commit,
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
 
 
 def peak_rss_mib() -> float:

@@ -343,3 +343,306 @@ def load_truth(
         dtype=object,
     )
     return (typology != "").astype(np.int64), typology
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol behind `fraudlens evaluate`
+
+
+@dataclass
+class EvaluationConfig:
+    """What to evaluate; serialised into the report so a run can be reproduced."""
+
+    seed: int = 0
+    size: str = "small"
+    epochs: int = 3
+    supervised_epochs: int = 2
+    max_len: int = 256
+    unseen_seed: int | None = 1001  # a second world generated with this seed (demo data only)
+    cv: int = 0  # K-fold cross-validation over users when >= 2
+    budget_share: float = 0.01
+    deeplog_epochs: int = 5
+    device: str = "auto"
+
+
+@dataclass
+class EvaluationReport:
+    config: EvaluationConfig
+    results: dict[str, list[ScorerMetrics]]  # evaluation set -> one row per scorer
+    split_sizes: dict[str, int]
+    seconds: dict[str, float]
+    cv: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "split_sizes": self.split_sizes,
+            "seconds": self.seconds,
+            "results": {k: [m.to_dict() for m in v] for k, v in self.results.items()},
+            "cv": self.cv,
+        }
+
+    def markdown(self) -> str:
+        lines: list[str] = []
+        for name, rows in self.results.items():
+            lines += [f"## {name}", "", metrics_table_markdown(rows), ""]
+        if self.cv:
+            lines += [f"## {self.config.cv}-fold cross-validation (mean ± std over folds)", ""]
+            lines += ["| scorer | AUPRC | AUROC | recall@1% |", "|---|---|---|---|"]
+            for scorer, m in self.cv.items():
+                lines.append(
+                    f"| {scorer} | {m['auprc_mean']:.3f} ± {m['auprc_std']:.3f} "
+                    f"| {m['auroc_mean']:.3f} ± {m['auroc_std']:.3f} "
+                    f"| {m['recall_at_budget_mean']:.3f} ± {m['recall_at_budget_std']:.3f} |"
+                )
+            lines.append("")
+        return "\n".join(lines)
+
+
+@dataclass
+class _FittedScorers:
+    transformer_path: Any
+    featurizer: Any
+    baselines: list[Any]
+
+
+def _fit_all(
+    con: duckdb.DuckDBPyConnection,
+    train_users: np.ndarray,
+    cfg: EvaluationConfig,
+    work_dir: Any,
+    progress: bool,
+    seconds: dict[str, float],
+) -> _FittedScorers:
+    import time
+
+    from core.baselines import (
+        AggregateFeaturizer,
+        DeepLogScorer,
+        ECODScorer,
+        IForestScorer,
+        LightGBMScorer,
+        LOFScorer,
+        load_user_data,
+    )
+    from core.train import TrainConfig, train_model
+
+    started = time.perf_counter()
+    trained = train_model(
+        con,
+        TrainConfig(
+            size=cfg.size,
+            epochs=cfg.epochs,
+            supervised_epochs=cfg.supervised_epochs,
+            max_len=cfg.max_len,
+            seed=cfg.seed,
+            device=cfg.device,
+        ),  # type: ignore[arg-type]
+        models_dir=work_dir / "models",
+        users=list(train_users),
+        progress=progress,
+        register=False,
+    )
+    seconds["train_transformer"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    featurizer = AggregateFeaturizer().fit(con, list(train_users))
+    train_data = load_user_data(con, list(train_users), featurizer)
+    y_train, _ = load_truth(con, train_users)
+    baselines: list[Any] = [
+        IForestScorer(random_state=cfg.seed),
+        ECODScorer(random_state=cfg.seed),
+        LOFScorer(random_state=cfg.seed),
+        DeepLogScorer(random_state=cfg.seed, max_epochs=cfg.deeplog_epochs, progress=progress),
+    ]
+    for scorer in baselines:
+        scorer.fit(train_data)  # unsupervised, like the transformer's pretraining: no labels
+    lgbm = LightGBMScorer(random_state=cfg.seed).fit(train_data, y_train)
+    baselines.append(lgbm)
+    seconds["fit_baselines"] = time.perf_counter() - started
+    return _FittedScorers(trained.path, featurizer, baselines)
+
+
+def _score_all(
+    con: duckdb.DuckDBPyConnection, fitted: _FittedScorers, users: np.ndarray
+) -> dict[str, np.ndarray]:
+    from core.baselines import load_user_data
+    from core.scoring import load_model, score_users
+
+    loaded = load_model(fitted.transformer_path)
+    frame = score_users(con, loaded, list(users), write=False).set_index("user_id")
+    frame = frame.reindex(pd.Index([str(u) for u in users]))
+    scores: dict[str, np.ndarray] = {
+        "transformer_unsupervised": frame["score_unsupervised"].to_numpy(float),
+    }
+    if loaded.supervised:
+        scores["transformer_supervised"] = frame["score_supervised"].to_numpy(float)
+        scores["transformer_combined"] = frame["score"].to_numpy(float)
+    data = load_user_data(con, list(users), fitted.featurizer)
+    for scorer in fitted.baselines:
+        scores[scorer.name] = np.asarray(scorer.decision_function(data), dtype=float)
+    return scores
+
+
+def _metrics_for(
+    scores: dict[str, np.ndarray],
+    y: np.ndarray,
+    typ: np.ndarray,
+    val: tuple[dict[str, np.ndarray], np.ndarray] | None,
+    budget_share: float,
+) -> list[ScorerMetrics]:
+    rows = []
+    for name, s in scores.items():
+        rows.append(
+            evaluate_scores(
+                name,
+                y,
+                s,
+                typologies=typ,
+                val_scores=val[0][name] if val else None,
+                val_true=val[1] if val else None,
+                budget_share=budget_share,
+            )
+        )
+    return rows
+
+
+def run_evaluation(
+    con: duckdb.DuckDBPyConnection,
+    cfg: EvaluationConfig,
+    *,
+    work_dir: Any,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Train every scorer on the training users only and compare them on unseen users.
+
+    Users are split by a stable hash (a user is never in two splits). Thresholds for F1 are
+    chosen on the validation users, metrics reported on the test users. With demo ground truth
+    and ``unseen_seed``, the same fitted scorers are also evaluated on a whole new world
+    simulated with that seed (every user unseen, a different population draw).
+    """
+    import time
+    from pathlib import Path
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    users = np.array(
+        [
+            r[0]
+            for r in con.execute("SELECT DISTINCT user_id FROM events ORDER BY user_id").fetchall()
+        ],
+        dtype=object,
+    )
+    splits = split_users(users, seed=cfg.seed)
+    seconds: dict[str, float] = {}
+    fitted = _fit_all(con, splits["train"], cfg, work_dir, progress, seconds)
+
+    started = time.perf_counter()
+    val_scores = _score_all(con, fitted, splits["val"])
+    test_scores = _score_all(con, fitted, splits["test"])
+    seconds["score_val_test"] = time.perf_counter() - started
+    y_val, _ = load_truth(con, splits["val"])
+    y_test, typ_test = load_truth(con, splits["test"])
+    results = {
+        "test users (same world, unseen in training)": _metrics_for(
+            test_scores, y_test, typ_test, (val_scores, y_val), cfg.budget_share
+        )
+    }
+
+    if cfg.unseen_seed is not None and _has_simulator_truth(con):
+        from core import store
+        from core.demo import build_demo
+        from core.simulate import WorldConfig
+
+        started = time.perf_counter()
+        n_users, fraud_rate, days = _world_shape(con)
+        world_db = work_dir / f"unseen_world_{cfg.unseen_seed}.duckdb"
+        if world_db.exists():
+            world_db.unlink()
+        build_demo(
+            world_db,
+            WorldConfig(n_users=n_users, days=days, fraud_rate=fraud_rate, seed=cfg.unseen_seed),
+        )
+        with store.open_db(world_db) as other:
+            other_users = np.array(
+                [
+                    r[0]
+                    for r in other.execute(
+                        "SELECT DISTINCT user_id FROM events ORDER BY user_id"
+                    ).fetchall()
+                ],
+                dtype=object,
+            )
+            other_scores = _score_all(other, fitted, other_users)
+            y_o, typ_o = load_truth(other, other_users)
+        results[f"unseen world (seed {cfg.unseen_seed}, {n_users} users)"] = _metrics_for(
+            other_scores, y_o, typ_o, (val_scores, y_val), cfg.budget_share
+        )
+        seconds["unseen_world"] = time.perf_counter() - started
+
+    cv_summary: dict[str, dict[str, float]] = {}
+    if cfg.cv >= 2:
+        started = time.perf_counter()
+        per_scorer: dict[str, list[ScorerMetrics]] = {}
+        for fold, (train_idx, test_idx) in enumerate(kfold_users(users, cfg.cv, seed=cfg.seed)):
+            fold_fit = _fit_all(con, users[train_idx], cfg, work_dir / f"fold{fold}", progress, {})
+            fold_scores = _score_all(con, fold_fit, users[test_idx])
+            y_f, typ_f = load_truth(con, users[test_idx])
+            for m in _metrics_for(fold_scores, y_f, typ_f, None, cfg.budget_share):
+                per_scorer.setdefault(m.name, []).append(m)
+        for name, ms in per_scorer.items():
+            summary: dict[str, float] = {}
+            for key in ("auprc", "auroc", "recall_at_budget"):
+                values = np.array([getattr(m, key) for m in ms], dtype=float)
+                summary[f"{key}_mean"] = float(np.nanmean(values))
+                summary[f"{key}_std"] = float(np.nanstd(values))
+            cv_summary[name] = summary
+        seconds["cv"] = time.perf_counter() - started
+
+    return EvaluationReport(
+        config=cfg,
+        results=results,
+        split_sizes={k: len(v) for k, v in splits.items()},
+        seconds={k: round(v, 1) for k, v in seconds.items()},
+        cv=cv_summary,
+    )
+
+
+def _has_simulator_truth(con: duckdb.DuckDBPyConnection) -> bool:
+    rows = con.execute("SELECT count(*) FROM ingest_batches WHERE source LIKE 'demo:%'").fetchall()
+    return bool(rows and rows[0][0])
+
+
+def _world_shape(con: duckdb.DuckDBPyConnection) -> tuple[int, float, int]:
+    """Users, fraud share and days of the demo world in ``con`` (to simulate a twin world)."""
+    n_users, first, last = con.execute(
+        "SELECT count(DISTINCT user_id), min(ts), max(ts) FROM events"
+    ).fetchall()[0]
+    n_fraud = con.execute("SELECT count(DISTINCT user_id) FROM truth_users").fetchall()[0][0]
+    days = max(int(round((last - first).total_seconds() / 86400)), 3)
+    return int(n_users), round(n_fraud / max(n_users, 1), 3), days
+
+
+def write_evaluation(report: EvaluationReport, json_path: Any) -> Any:
+    """Write the report as JSON and as a markdown table beside it, naming the machine."""
+    import json
+    from pathlib import Path
+
+    from core.machine import describe_machine
+
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    machine = describe_machine()
+    json_path.write_text(
+        json.dumps({"machine": machine, **report.to_dict()}, indent=2, default=str)
+    )
+    md_path = json_path.with_suffix(".md")
+    header = (
+        f"# fraudlens evaluate\n\nMachine: {machine['cpu']}, {machine['cores']} cores, "
+        f"{machine['memory_gib']} GiB RAM, GPU: {machine['gpu'] or 'none'}; "
+        f"commit {machine['commit']}; {machine['when']}\n\n"
+        f"Config: {asdict(report.config)}\n\nSplit sizes: {report.split_sizes}; "
+        f"seconds: {report.seconds}\n\n"
+    )
+    md_path.write_text(header + report.markdown())
+    return md_path

@@ -18,7 +18,8 @@ import hashlib
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -198,6 +199,20 @@ def connect(
     if not read_only:
         migrate(con)
     return con
+
+
+@contextmanager
+def open_db(db_path: str | Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection for one unit of work, closed at the end so the file lock is released.
+
+    The dashboard and the CLI share the database file: nobody may hold DuckDB's process-wide
+    write lock longer than one read or write takes, so long-lived connections are avoided.
+    """
+    con = connect(db_path, read_only=read_only)
+    try:
+        yield con
+    finally:
+        con.close()
 
 
 def _one(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:

@@ -92,6 +92,7 @@ def _take(windows: Windows, index: np.ndarray) -> Windows:
         event_ids=windows.event_ids[index],
         user_index=windows.user_index[index],
         start=windows.start[index],
+        primary=windows.primary[index],
     )
 
 
@@ -301,6 +302,7 @@ def train_model(
     until: datetime | None = None,
     model_id: str | None = None,
     progress: bool = True,
+    register: bool = True,
 ) -> TrainResult:
     """Fit featuriser, pretrain, optionally fine-tune, fit the score reference, save, register."""
     from core.scoring import fit_score_reference, register_model
@@ -376,5 +378,6 @@ def train_model(
     (path / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
     (path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    register_model(con, model_id, path, cfg, metrics)
+    if register:  # evaluation runs train throw-away models that analysts should not see
+        register_model(con, model_id, path, cfg, metrics)
     return TrainResult(model_id=model_id, path=path, metrics=metrics)

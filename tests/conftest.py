@@ -1,4 +1,4 @@
-"""Shared test setup: nothing is ever fetched from a model hub."""
+"""Shared test setup: nothing is fetched from a model hub; one small scored demo world."""
 
 from __future__ import annotations
 
@@ -7,3 +7,57 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@dataclass(frozen=True)
+class DemoEnv:
+    """A small demo database with a trained tiny model and stored scores."""
+
+    db_path: Path
+    models_dir: Path
+    model_id: str
+
+
+@pytest.fixture(scope="session")
+def demo_env(tmp_path_factory: pytest.TempPathFactory) -> DemoEnv:
+    """Built once per test run (~15 s): 400 users, 10% fraud, tiny model, all users scored.
+
+    Tests that write must copy the database (see ``demo_db_copy``), so they stay independent.
+    """
+    import torch
+
+    from core import store
+    from core.demo import build_demo
+    from core.scoring import load_model, score_users
+    from core.simulate import WorldConfig
+    from core.train import TrainConfig, train_model
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("demo_env")
+    db_path = root / "demo.duckdb"
+    models_dir = root / "models"
+    build_demo(db_path, WorldConfig(n_users=400, days=20, fraud_rate=0.1, seed=11))
+    with store.open_db(db_path) as con:
+        result = train_model(
+            con,
+            TrainConfig(size="tiny", epochs=1, supervised_epochs=1, max_len=128),
+            models_dir=models_dir,
+            progress=False,
+        )
+        score_users(con, load_model(result.path), progress=False)
+    return DemoEnv(db_path=db_path, models_dir=models_dir, model_id=result.model_id)
+
+
+@pytest.fixture()
+def demo_db_copy(demo_env: DemoEnv, tmp_path: Path) -> DemoEnv:
+    """A private copy of the demo database for tests that write to it."""
+    import shutil
+
+    target = tmp_path / "demo.duckdb"
+    shutil.copy(demo_env.db_path, target)
+    return DemoEnv(db_path=target, models_dir=demo_env.models_dir, model_id=demo_env.model_id)

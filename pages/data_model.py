@@ -1,4 +1,4 @@
-"""Overview: what the database holds."""
+"""Data & model: what the database holds (upload, models, retrain and rescore come next)."""
 
 from __future__ import annotations
 
