@@ -8,7 +8,7 @@ PORT ?= 8501
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: run test install demo lint bench clean
+.PHONY: run test install demo lint bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,12 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-$(DB): | $(STAMP)
+demo: $(STAMP)
 	$(VENV)/bin/fraudlens demo --db $(DB)
 
-demo: $(DB)
-
-run: $(STAMP) $(DB)
+# prepare: builds the demo database if absent, trains and scores a model if none exists.
+run: $(STAMP)
 	$(VENV)/bin/fraudlens prepare --db $(DB)
 	FRAUDLENS_DB=$(DB) $(VENV)/bin/streamlit run app.py --server.port $(PORT) \
 		--server.headless true --browser.gatherUsageStats false

@@ -15,6 +15,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def peak_rss_mib() -> float:
+    """This process's own peak RSS. VmHWM, not ru_maxrss: a forked child inherits the
+    parent's ru_maxrss, which would credit the parent's peak to the child."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

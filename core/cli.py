@@ -195,7 +195,7 @@ def train(
     ] = "small",
     epochs: Annotated[
         int, typer.Option(min=1, help="Pretraining epochs (early stopping may end sooner).")
-    ] = 3,
+    ] = 6,
     users_file: Annotated[
         Path | None, typer.Option(help="Train only on these users (one id per line).")
     ] = None,
@@ -219,22 +219,18 @@ def train(
     users = _read_users_file(users_file)
     until_ts = _parse_ts(until, "--until")
     try:
-        con = store.connect(_db(db))
-    except store.StoreError as exc:
-        raise _fail(str(exc)) from None
-    try:
+        # A path, not a connection: the file is opened only to read events and to register
+        # the model, so the dashboard can keep using it during the minutes of training.
         result = train_model(
-            con,
+            _db(db),
             cfg,
             models_dir=get_settings().models_dir,
             users=users,
             until=until_ts,
             model_id=resume,
         )
-    except ValueError as exc:
+    except (ValueError, store.StoreError) as exc:
         raise _fail(str(exc)) from None
-    finally:
-        con.close()
     typer.echo(f"model {result.model_id} saved to {result.path}")
     for key, value in result.metrics.items():
         typer.echo(f"  {key:<22} {value}")
@@ -270,14 +266,12 @@ def score(
     users = _read_users_file(users_file)
     start_ts, end_ts = _parse_ts(start, "--start"), _parse_ts(end, "--end")
     try:
-        con = store.connect(_db(db))
+        with store.open_db(_db(db)) as con:
+            loaded = _load_model_or_fail(con, model)
+        # A path: each chunk opens the file briefly, so others can use it while we score.
+        scores = score_users(_db(db), loaded, users, start_ts, end_ts, progress=True)  # type: ignore[arg-type]
     except store.StoreError as exc:
         raise _fail(str(exc)) from None
-    try:
-        loaded = _load_model_or_fail(con, model)
-        scores = score_users(con, loaded, users, start_ts, end_ts, progress=True)  # type: ignore[arg-type]
-    finally:
-        con.close()
     typer.echo(
         f"scored {len(scores):,} users, {int(scores['n_events'].sum()):,} events "
         f"with model {loaded.model_id}"
@@ -313,7 +307,7 @@ def evaluate(
     ] = Path("benchmarks/results/evaluate.json"),
     cv: Annotated[int, typer.Option(min=0, help="K-fold cross-validation (K >= 2).")] = 0,
     size: Annotated[str, typer.Option(help="Transformer size: tiny, small, base.")] = "small",
-    epochs: Annotated[int, typer.Option(min=1, help="Pretraining epochs.")] = 3,
+    epochs: Annotated[int, typer.Option(min=1, help="Pretraining epochs.")] = 6,
     seed: Annotated[int, typer.Option(help="Split and training seed.")] = 0,
     unseen_seed: Annotated[
         int, typer.Option(help="Seed of the second, unseen demo world (-1: skip).")
@@ -328,8 +322,14 @@ def evaluate(
 
     from core.evaluate import EvaluationConfig, run_evaluation, write_evaluation
 
-    cfg = EvaluationConfig(seed=seed, size=size, epochs=epochs, cv=cv, device=device,
-                           unseen_seed=None if unseen_seed < 0 else unseen_seed)
+    cfg = EvaluationConfig(
+        seed=seed,
+        size=size,
+        epochs=epochs,
+        cv=cv,
+        device=device,
+        unseen_seed=None if unseen_seed < 0 else unseen_seed,
+    )
     try:
         con = store.connect(_db(db))
     except store.StoreError as exc:
@@ -348,12 +348,28 @@ def evaluate(
 
 @app.command()
 def prepare(db: DbOption = None) -> None:
-    """What `make run` needs before the app starts: the demo database when none exists."""
+    """What `make run` needs before the app starts: the demo database when none exists, then a
+    trained `small` model with every user scored when the database has no model yet."""
+    from core.scoring import latest_model
+
     path = _db(db)
     if not path.exists():
         demo(db=path)
     else:
         typer.echo(f"using existing database {path}")
+    with store.open_db(path) as con:
+        found = latest_model(con)
+        scored = (
+            found is not None
+            and con.execute(
+                "SELECT count(*) FROM sequence_scores WHERE model_id = ?", [found[0]]
+            ).fetchall()[0][0]
+        )
+    if found is None:
+        typer.echo("no model yet: training the small model on this database (CPU: a few minutes)")
+        train(db=path)
+    if not scored:
+        score(db=path)
 
 
 def main() -> None:

@@ -355,9 +355,9 @@ class EvaluationConfig:
 
     seed: int = 0
     size: str = "small"
-    epochs: int = 3
+    epochs: int = 6
     supervised_epochs: int = 2
-    max_len: int = 256
+    max_len: int = 128
     unseen_seed: int | None = 1001  # a second world generated with this seed (demo data only)
     cv: int = 0  # K-fold cross-validation over users when >= 2
     budget_share: float = 0.01

@@ -48,5 +48,3 @@ def describe_machine() -> dict[str, object]:
         "commit": commit,
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-
-

@@ -1,9 +1,17 @@
 """Batch and on-demand scoring: per-event surprisal and per-user sequence scores.
 
 Scores (all "higher = more suspicious"):
-- ``score_unsupervised``: mean of the user's top-k per-event surprisals (k = 5) — a few very
-  surprising events flag a user even inside a long normal history; reported with its percentile
-  against the training population (``percentile_unsupervised``, 0..1).
+- ``score_unsupervised``: a field-wise typicality test (after Nalisnick et al., 2019, "Detecting
+  out-of-distribution inputs to deep generative models using typicality"). Each event's
+  surprisal is split by field (event type, category, price, gap, hour, new device / IP /
+  country / card) and standardised by the training population's mean and spread for that field;
+  per field we take the user's mean, and the score is the length of that vector of means times
+  sqrt(min(n_events, EVIDENCE_CAP)) — how many standard errors the user's behaviour sits from
+  the population, field by field. It is two-sided on purpose: fraud is often *too* predictable
+  (scripted clicking, bots, brushing repeat themselves) as well as surprising (a takeover's new
+  device and country). Evidence is capped because a user's events are not independent.
+  Reported with its percentile against the training users (``percentile_unsupervised``, 0..1).
+  Per-event ``surprisal`` (stored in event_scores) stays the plain sum of field NLLs in nats.
 - ``score_supervised``: the sequence head's fraud probability (max over the user's windows),
   present only when the model was fine-tuned on labels.
 - ``score`` (combined): ``w * percentile_unsupervised + (1 - w) * score_supervised`` with
@@ -27,6 +35,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from core import store
 from core.model import BehaviorModel
 from core.sequences import (
     EncodedEvents,
@@ -40,18 +49,21 @@ if TYPE_CHECKING:
     from core.train import TrainConfig
 
 DEFAULT_UNSUPERVISED_WEIGHT = 0.5
-DEFAULT_TOP_K = 5
+EVIDENCE_CAP = 256
 REFERENCE_FILE = "score_reference.json"
 
 
 @dataclass
 class ScoreReference:
-    """The training population's unsupervised scores, for standardising and percentiles."""
+    """What the training population looked like: per-field surprisal statistics (to
+    standardise) and the distribution of user scores (for percentiles)."""
 
-    top_k: int
+    field_mean: list[float]
+    field_std: list[float]
     quantiles: list[float]  # sorted training-user scores, thinned to at most 2001 points
     mean: float
     std: float
+    evidence_cap: int = EVIDENCE_CAP
 
     def percentile(self, raw: np.ndarray) -> np.ndarray:
         q = np.asarray(self.quantiles)
@@ -67,13 +79,26 @@ class ScoreReference:
     def load(cls, directory: Path) -> ScoreReference:
         return cls(**json.loads((Path(directory) / REFERENCE_FILE).read_text()))
 
+    def user_scores(self, field_nll: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        return typicality_scores(
+            field_nll,
+            offsets,
+            np.asarray(self.field_mean),
+            np.asarray(self.field_std),
+            self.evidence_cap,
+        )
+
     @classmethod
-    def from_scores(cls, scores: np.ndarray, top_k: int) -> ScoreReference:
-        scores = np.sort(np.asarray(scores, dtype=float))
+    def fit(cls, field_nll: np.ndarray, offsets: np.ndarray) -> ScoreReference:
+        mean = field_nll.mean(axis=0).astype(float)
+        std = np.maximum(field_nll.std(axis=0), 1e-3).astype(float)
+        scores = typicality_scores(field_nll, offsets, mean, std, EVIDENCE_CAP)
+        scores = np.sort(scores[~np.isnan(scores)])
         if len(scores) > 2001:
             scores = np.quantile(scores, np.linspace(0, 1, 2001))
         return cls(
-            top_k=top_k,
+            field_mean=mean.tolist(),
+            field_std=std.tolist(),
             quantiles=scores.tolist(),
             mean=float(scores.mean()),
             std=float(scores.std()),
@@ -135,6 +160,7 @@ def combine_scores(
 @dataclass
 class EncodedScores:
     surprisal: np.ndarray  # float32 [n_events], aligned with the encoded rows
+    field_nll: np.ndarray  # float32 [n_events, n_fields], the surprisal split by field
     supervised: np.ndarray  # float32 [n_users] fraud probability (NaN without a head)
     embedding: np.ndarray  # float32 [n_users, hidden] mean-pooled hidden states
 
@@ -154,6 +180,7 @@ def score_encoded(
     windows = make_windows(encoded, max_len=max_len)
     n_users = len(encoded.user_ids)
     surprisal = np.zeros(len(encoded.event_ids), dtype=np.float32)
+    field_nll = np.zeros((len(encoded.event_ids), encoded.fields.shape[1]), dtype=np.float32)
     sup_logit = np.full(n_users, -np.inf, dtype=np.float32)
     emb_sum: np.ndarray | None = None
     emb_count = np.zeros(n_users, dtype=np.float32)
@@ -170,6 +197,7 @@ def score_encoded(
             rows = encoded.offsets[users][:, None] + windows.start[batch.index][:, None]
             rows = rows + np.arange(width)
             surprisal[rows[batch.primary]] = out.surprisal.float().cpu().numpy()[batch.primary]
+            field_nll[rows[batch.primary]] = out.field_nll.float().cpu().numpy()[batch.primary]
             np.maximum.at(sup_logit, users, out.sequence_logit.float().cpu().numpy())
             pooled = out.pooled.float().cpu().numpy()
             if emb_sum is None:
@@ -186,21 +214,37 @@ def score_encoded(
         if emb_sum is not None
         else np.zeros((n_users, 0), dtype=np.float32)
     )
-    return EncodedScores(surprisal=surprisal, supervised=supervised, embedding=embedding)
+    return EncodedScores(
+        surprisal=surprisal, field_nll=field_nll, supervised=supervised, embedding=embedding
+    )
 
 
-def top_k_mean(values: np.ndarray, offsets: np.ndarray, k: int) -> np.ndarray:
-    """Mean of the k largest values in each segment ``values[offsets[i]:offsets[i+1]]``."""
-    n = len(offsets) - 1
+def typicality_scores(
+    field_nll: np.ndarray,
+    offsets: np.ndarray,
+    field_mean: np.ndarray,
+    field_std: np.ndarray,
+    evidence_cap: int = EVIDENCE_CAP,
+) -> np.ndarray:
+    """Per user: ||mean over events of standardised field surprisal|| * sqrt(min(n, cap)).
+
+    Written with numpy segment sums (bincount): one pass, no per-user Python loop.
+    """
+    n_users = len(offsets) - 1
     lengths = np.diff(offsets)
-    seg = np.repeat(np.arange(n), lengths)
-    # Sort within segments descending: by segment, then by -value.
-    order = np.lexsort((-values, seg))
-    rank = np.arange(len(values)) - np.repeat(offsets[:-1], lengths)
-    keep = rank < k
-    sums = np.bincount(seg[keep], weights=values[order][keep], minlength=n)
-    counts = np.minimum(lengths, k)
-    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    if n_users == 0:
+        return np.zeros(0)
+    z = (field_nll.astype(np.float64) - field_mean) / field_std
+    segment = np.repeat(np.arange(n_users), lengths)
+    means = (
+        np.stack(
+            [np.bincount(segment, weights=z[:, f], minlength=n_users) for f in range(z.shape[1])],
+            axis=1,
+        )
+        / np.maximum(lengths, 1)[:, None]
+    )
+    score = np.sqrt((means**2).sum(axis=1)) * np.sqrt(np.minimum(lengths, evidence_cap))
+    return np.where(lengths > 0, score, np.nan)
 
 
 def fit_score_reference(
@@ -212,8 +256,7 @@ def fit_score_reference(
     device: torch.device,
 ) -> ScoreReference:
     scores = score_encoded(model, encoded, max_len=cfg.max_len, device=device)
-    raw = top_k_mean(scores.surprisal.astype(np.float64), encoded.offsets, cfg.top_k)
-    return ScoreReference.from_scores(raw[~np.isnan(raw)], cfg.top_k)
+    return ScoreReference.fit(scores.field_nll, encoded.offsets)
 
 
 def register_model(
@@ -262,7 +305,7 @@ def _user_chunks(
 
 
 def score_users(
-    con: duckdb.DuckDBPyConnection,
+    db: duckdb.DuckDBPyConnection | str | Path,
     loaded: LoadedModel,
     users: Sequence[str] | None = None,
     start: datetime | None = None,
@@ -282,9 +325,11 @@ def score_users(
     """
     max_len = int(loaded.model.config.max_len)
     results: list[pd.DataFrame] = []
-    chunks = list(_user_chunks(con, users, start, end, chunk_users))
+    with store.using(db) as con:
+        chunks = list(_user_chunks(con, users, start, end, chunk_users))
     for chunk in tqdm(chunks, desc="scoring", unit="chunk", disable=not progress):
-        events = load_events(con, users=chunk, start=start, end=end)
+        with store.using(db) as con:
+            events = load_events(con, users=chunk, start=start, end=end)
         if events.num_rows == 0:
             continue
         encoded = loaded.featurizer.transform(events)
@@ -292,9 +337,7 @@ def score_users(
             scores = score_encoded(
                 loaded.model, encoded, max_len=max_len, device=loaded.device, batch_size=batch_size
             )
-        raw = top_k_mean(
-            scores.surprisal.astype(np.float64), encoded.offsets, loaded.reference.top_k
-        )
+        raw = loaded.reference.user_scores(scores.field_nll, encoded.offsets)
         pct = loaded.reference.percentile(raw)
         sup = scores.supervised if loaded.supervised else None
         frame = pd.DataFrame(
@@ -318,7 +361,8 @@ def score_users(
                     "surprisal": scores.surprisal.astype(np.float64),
                 }
             )
-            write_scores(con, loaded.model_id, frame, event_frame, start, end)
+            with store.using(db) as con:
+                write_scores(con, loaded.model_id, frame, event_frame, start, end)
     if not results:
         return pd.DataFrame(
             columns=[

@@ -215,6 +215,22 @@ def open_db(db_path: str | Path, *, read_only: bool = False) -> Iterator[duckdb.
         con.close()
 
 
+@contextmanager
+def using(
+    db: duckdb.DuckDBPyConnection | str | Path, *, read_only: bool = False
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Use a given connection as is, or open the database file just for this block.
+
+    Long jobs (training, scoring millions of events) take a path and open the file only for
+    each read or write, so the dashboard and the CLI can share it meanwhile.
+    """
+    if isinstance(db, duckdb.DuckDBPyConnection):
+        yield db
+    else:
+        with open_db(db, read_only=read_only) as con:
+            yield con
+
+
 def _one(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:
     """First row, fetching the whole (small) result: DuckDB 2.0 refuses further work on a
     connection whose last result was not read to the end."""

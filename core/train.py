@@ -19,10 +19,14 @@ from typing import Literal
 
 import duckdb
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from core import store
 from core.model import BehaviorConfig, BehaviorModel
 from core.sequences import SequenceFeaturizer, Windows, load_events, make_windows
 
@@ -32,14 +36,14 @@ Size = Literal["tiny", "small", "base"]
 @dataclass
 class TrainConfig:
     size: Size = "small"
-    epochs: int = 3
+    epochs: int = 6
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     weight_decay: float = 0.01
     warmup_share: float = 0.05
-    max_len: int = 256
+    max_len: int = 128
     grad_clip: float = 1.0
-    patience: int = 1
+    patience: int = 2
     seed: int = 0
     val_share: float = 0.1
     supervised: bool = True
@@ -47,7 +51,6 @@ class TrainConfig:
     supervised_learning_rate: float = 3e-4
     device: str = "auto"
     max_train_windows: int | None = None
-    top_k: int = 5
 
 
 @dataclass
@@ -203,7 +206,7 @@ def pretrain(
             scheduler.step()
             tokens += int(mask.sum())
             bar.update(1)
-            bar.set_postfix(nll=f"{float(loss):.3f}")
+            bar.set_postfix(nll=f"{loss.item():.3f}")
         bar.close()
         seconds += time.perf_counter() - started
         val_nll = _evaluate_nll(model, val, cfg.batch_size, device) if len(val.mask) else math.nan
@@ -273,7 +276,7 @@ def finetune(
             optimizer.step()
             scheduler.step()
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
     return {
         "finetune_epochs": cfg.supervised_epochs,
@@ -282,19 +285,25 @@ def finetune(
     }
 
 
-def training_labels(con: duckdb.DuckDBPyConnection, user_ids: Sequence[str]) -> np.ndarray | None:
-    """1 = fraud, 0 = legit, per user, from demo truth or analyst labels; None when too few."""
+def training_labels(
+    con: duckdb.DuckDBPyConnection, user_ids: Sequence[str]
+) -> tuple[list[str], np.ndarray] | None:
+    """(users, y): 1 = fraud, 0 = legit, from demo truth or analyst labels; None when fewer
+    than 5 of either class (a head trained on less would be noise)."""
     from core.evaluate import load_truth
 
-    y, _ = load_truth(con, list(user_ids))
+    try:
+        y, _ = load_truth(con, list(user_ids))
+    except LookupError:
+        return None
     y = np.asarray(y, dtype=float)
     if np.nansum(y == 1) < 5 or np.nansum(y == 0) < 5:
         return None
-    return y
+    return list(user_ids), y
 
 
 def train_model(
-    con: duckdb.DuckDBPyConnection,
+    db: duckdb.DuckDBPyConnection | str | Path,
     cfg: TrainConfig,
     *,
     models_dir: Path,
@@ -314,7 +323,13 @@ def train_model(
     path.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    events = load_events(con, users=users, end=until)
+    with store.using(db) as con:
+        events = load_events(con, users=users, end=until)
+        all_labels = (
+            training_labels(con, [str(u) for u in pa.compute.unique(events["user_id"]).to_pylist()])
+            if cfg.supervised and events.num_rows
+            else None
+        )
     if events.num_rows == 0:
         raise ValueError("no events to train on (check --users-file / --until)")
     featurizer = SequenceFeaturizer().fit(events)
@@ -351,7 +366,13 @@ def train_model(
 
     metrics["supervised"] = False
     if cfg.supervised:
-        y_user = training_labels(con, list(encoded.user_ids))
+        y_user = (
+            None
+            if all_labels is None
+            else pd.Series(all_labels[1], index=all_labels[0])
+            .reindex(encoded.user_ids.astype(str))
+            .to_numpy(float)
+        )
         if y_user is None:
             metrics["supervised_skipped"] = "fewer than 5 fraud and 5 legit labelled users"
         else:
@@ -379,5 +400,6 @@ def train_model(
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
     (path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     if register:  # evaluation runs train throw-away models that analysts should not see
-        register_model(con, model_id, path, cfg, metrics)
+        with store.using(db) as con:
+            register_model(con, model_id, path, cfg, metrics)
     return TrainResult(model_id=model_id, path=path, metrics=metrics)

@@ -1,0 +1,136 @@
+"""Triage: who is alerting in the time range. Selecting a row opens Investigate for that user."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core import alert_charts, alerts, cases, store
+from core.scoring import LoadedModel
+from pages._shared import context, loaded_model, require_database, require_model
+
+ctx = context()
+st.title("🚨 Triage")
+require_database(ctx)
+require_model(ctx)
+assert ctx.model_id is not None and ctx.model_path is not None
+
+
+@st.cache_data(ttl=10, max_entries=4, show_spinner=False)
+def db_version(db_path: str, model_id: str) -> tuple[int, float | None]:
+    """Audit rows (grow with every label / case change) and the saved weight: cache keys
+    below, so analyst actions show up at once without clearing every cache."""
+    with store.open_db(db_path) as con:
+        setting = alerts.saved_setting(con, model_id)
+        return cases.audit_count(con), setting.weight if setting else None
+
+
+@st.cache_data(ttl=300, max_entries=16, show_spinner=False)
+def options(db_path: str, start: datetime | None, end: datetime | None) -> tuple[list, list]:
+    with store.open_db(db_path) as con:
+        return alerts.filter_options(con, start, end)
+
+
+@st.cache_data(ttl=120, max_entries=32, show_spinner="Finding alerts…")
+def triage_data(
+    db_path: str,
+    model_id: str,
+    model_path: str,
+    start: datetime | None,
+    end: datetime | None,
+    threshold: float,
+    weight: float | None,
+    filters: tuple[tuple[str, ...], tuple[str, ...], int],
+    version: int,
+) -> tuple[alerts.RangeKpis, pd.DataFrame, np.ndarray, pd.DataFrame]:
+    def load() -> LoadedModel:
+        return loaded_model(model_path)
+
+    queue_filters = alerts.queue_filters(*filters)
+    with store.open_db(db_path) as con:
+        kpis = alerts.range_kpis(con, model_id, start, end, threshold, weight=weight, load=load)
+        queue = alerts.alert_queue(
+            con, model_id, start, end, threshold, filters=queue_filters, weight=weight, load=load
+        )
+        scores = alerts.active_scores(con, model_id, start, end, weight=weight)["score"]
+        per_day = alerts.daily_alerts(con, model_id, start, end, threshold, weight=weight)
+    return kpis, queue, scores.to_numpy(dtype=float), per_day
+
+
+version, weight = db_version(ctx.db_path, ctx.model_id)
+event_types, countries = options(ctx.db_path, ctx.start, ctx.end)
+st.caption(
+    f"Model `{ctx.model_id}` · threshold {ctx.threshold:.2f}"
+    + (f" · unsupervised weight {weight:.2f} (saved)" if weight is not None else "")
+    + " · alerts are users active in the range whose full-history score is at or above it."
+)
+
+with st.expander("Filters", expanded=False):
+    f1, f2, f3 = st.columns([2, 2, 1])
+    chosen_types = f1.multiselect("Event type (any event of)", event_types, key="tri_types")
+    chosen_countries = f2.multiselect("Country (any event from)", countries, key="tri_countries")
+    min_events = f3.number_input("Minimum events", min_value=1, value=1, step=1, key="tri_min")
+
+try:
+    kpis, queue, scores, per_day = triage_data(
+        ctx.db_path,
+        ctx.model_id,
+        ctx.model_path,
+        ctx.start,
+        ctx.end,
+        ctx.threshold,
+        weight,
+        (tuple(sorted(chosen_types)), tuple(sorted(chosen_countries)), int(min_events)),
+        version,
+    )
+except (store.StoreError, FileNotFoundError, OSError) as exc:
+    st.error(f"Could not load the alerts: {exc}")
+    st.stop()
+
+k1, k2, k3, k4 = st.columns(4)
+k1.metric("Events", f"{kpis.n_events:,}")
+k2.metric("Active users", f"{kpis.n_active_users:,}")
+k3.metric("Alerts", f"{kpis.n_alerts:,}", help="Active users at or above the threshold.")
+share = kpis.labelled_share
+k4.metric("Labelled alerts", "—" if share is None else f"{share:.0%}")
+if kpis.n_scored < kpis.n_active_users:
+    st.warning(f"{kpis.n_active_users - kpis.n_scored:,} active users have no score yet.")
+
+st.subheader(f"Alert queue ({len(queue):,})")
+if queue.empty:
+    st.info(
+        "No alerts in this range at this threshold (and filters). Lower the threshold in the "
+        "sidebar or widen the time range."
+    )
+else:
+    table = queue.assign(percentile=queue["percentile"] * 100)
+    selection = st.dataframe(
+        table,
+        key="tri_queue",
+        hide_index=True,
+        on_select="rerun",
+        selection_mode="single-row",
+        column_config={
+            "user_id": st.column_config.TextColumn("user", pinned=True),
+            "score": st.column_config.ProgressColumn(
+                "score", format="%.3f", min_value=0.0, max_value=1.0
+            ),
+            "percentile": st.column_config.NumberColumn("percentile", format="%.1f"),
+            "supervised": st.column_config.NumberColumn("supervised", format="%.3f"),
+            "last_seen": st.column_config.DatetimeColumn("last seen", format="YYYY-MM-DD HH:mm"),
+            "main_reason": st.column_config.TextColumn("main reason", width="large"),
+        },
+    )
+    rows = selection.selection.rows if selection is not None else []
+    if rows:
+        st.switch_page(
+            "pages/investigate.py", query_params={"user": str(queue.iloc[rows[0]].user_id)}
+        )
+    st.caption("Select a row to investigate that user.")
+
+left, right = st.columns(2)
+left.plotly_chart(alert_charts.score_histogram(scores, ctx.threshold), key="tri_hist")
+right.plotly_chart(alert_charts.alerts_per_day_chart(per_day), key="tri_per_day")

@@ -1,0 +1,130 @@
+"""The `fraudlens` command end to end on a tiny world: demo, info, ingest, train, score, export.
+
+Runs in-process with Typer's CliRunner (a subprocess would pay the ~7 s transformers import
+per command); settings come from FRAUDLENS_DB / FRAUDLENS_MODELS as in real use.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from core import store
+from core.cli import app
+
+FORMULA_USER = '=HYPERLINK("http://x","y")'
+EXPORT_COLUMNS = [
+    "user_id",
+    "model_id",
+    "score_unsupervised",
+    "score_supervised",
+    "score",
+    "rank",
+    "n_events",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("FRAUDLENS_DB", str(tmp_path / "cli.duckdb"))
+    monkeypatch.setenv("FRAUDLENS_MODELS", str(tmp_path / "models"))
+    return tmp_path
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_the_whole_flow_on_a_tiny_world(env: Path) -> None:
+    db_path = env / "cli.duckdb"
+    result = invoke("demo", "--users", "50", "--days", "4", "--fraud-rate", "0.2", "--seed", "5")
+    assert result.exit_code == 0, result.output
+    assert "demo database ready" in result.output and db_path.exists()
+
+    result = invoke("info", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n_users"] == 50 and summary["n_events"] > 50
+    n_demo_events = summary["n_events"]
+
+    mixed = env / "mixed.csv"
+    mixed.write_text(
+        "ts,user_id,event_type,price\n"
+        f'2026-10-02T10:00:00,"{FORMULA_USER.replace(chr(34), chr(34) * 2)}",login,\n'
+        f'2026-10-02T10:01:00,"{FORMULA_USER.replace(chr(34), chr(34) * 2)}",view,12.5\n'
+        "2026-10-02T10:02:00,newcomer,login,\n"
+        "not a date,newcomer,view,3\n"
+        "2026-10-02T10:03:00,newcomer,view,-4\n"
+        "2026-10-02T10:04:00,newcomer,purchase,30\n"
+    )
+    result = invoke("ingest", str(mixed))
+    assert result.exit_code == 0, result.output
+    assert "4 accepted" in result.output and "2 quarantined" in result.output
+    assert "unparseable timestamp" in result.output and "negative price" in result.output
+
+    result = invoke("train", "--size", "tiny", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    found = re.search(r"^model (\S+) saved to ", result.stdout, re.MULTILINE)
+    assert found, result.output
+    model_id = found.group(1)
+    assert (env / "models" / model_id / "config.json").exists()
+
+    result = invoke("score")
+    assert result.exit_code == 0, result.output
+    assert f"scored 52 users, {n_demo_events + 4:,} events with model {model_id}" in result.output
+
+    out = env / "export" / "scores.csv"
+    result = invoke("export-scores", str(out))
+    assert result.exit_code == 0, result.output
+    with out.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == EXPORT_COLUMNS
+    assert len(rows) == 52 and {r["model_id"] for r in rows} == {model_id}
+    users = {r["user_id"] for r in rows}
+    # A formula-like cell is neutralised: a spreadsheet shows it as text.
+    assert "'" + FORMULA_USER in users and FORMULA_USER not in users
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and rows[0]["rank"] == "1"
+    assert sum(int(r["n_events"]) for r in rows) == n_demo_events + 4
+
+    with store.open_db(db_path, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM quarantine").fetchone() == (2,)
+        assert con.execute("SELECT count(*) FROM models").fetchone() == (1,)
+
+
+def test_ingest_of_a_non_csv_file_fails_clearly(env: Path) -> None:
+    book = env / "events.xlsx"
+    book.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+    result = invoke("ingest", str(book))
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not an escaped exception
+    assert "ZIP archive" in result.output and "not CSV or Parquet" in result.output
+
+
+def test_commands_without_data_or_model_say_what_to_do(env: Path) -> None:
+    result = invoke("info")
+    assert result.exit_code != 0 and "fraudlens demo" in result.output
+
+    store.connect(env / "cli.duckdb").close()  # an empty store: no model yet
+    result = invoke("score")
+    assert result.exit_code != 0 and "fraudlens train" in result.output
+    result = invoke("export-scores", str(env / "out.csv"))
+    assert result.exit_code != 0 and "fraudlens train" in result.output
+    assert not (env / "out.csv").exists()
