@@ -1,0 +1,175 @@
+"""The Investigate page in Streamlit's AppTest, through app.py, on the demo fixture."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import streamlit.testing.v1.app_test as app_test_module
+from streamlit.runtime.pages_manager import PagesManager
+from streamlit.testing.v1 import AppTest
+
+from core import store
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+class _NavigationOnly(PagesManager):
+    """app.py always routes with st.navigation. A `pages/` folder next to it makes Streamlit
+    assume the old folder-based multipage mode until st.navigation runs, and AppTest resets
+    that guess before every run, so a page whose url_path equals its file name would run on
+    its own, without app.py's sidebar. Tell it the truth up front."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+
+@pytest.fixture()
+def open_page(monkeypatch):
+    monkeypatch.setattr(app_test_module, "PagesManager", _NavigationOnly)
+    timings: list[float] = []
+
+    def run(db_path: Path, user: str | None) -> AppTest:
+        monkeypatch.setenv("FRAUDLENS_DB", str(db_path))
+        at = AppTest.from_file(APP, default_timeout=120)
+        at.session_state["db_path"] = str(db_path)
+        at.session_state["analyst"] = "tester"
+        if user is not None:
+            at.query_params["user"] = user
+        at.switch_page("pages/investigate.py")
+        started = time.perf_counter()
+        at.run()
+        timings.append(time.perf_counter() - started)
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    run.timings = timings  # type: ignore[attr-defined]
+    return run
+
+
+def top_user(db_path: Path, model_id: str) -> str:
+    with store.open_db(db_path) as con:
+        return str(
+            con.execute(
+                "SELECT user_id FROM sequence_scores WHERE model_id = ? AND window_start IS NULL"
+                " ORDER BY score DESC LIMIT 1 OFFSET 3",
+                [model_id],
+            ).fetchall()[0][0]
+        )
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def test_deep_link_opens_that_user(open_page, demo_env) -> None:
+    user = top_user(demo_env.db_path, demo_env.model_id)
+    at = open_page(demo_env.db_path, user)
+    assert at.selectbox(key="inv_user").value == user
+    assert at.query_params["user"] == user
+    with store.open_db(demo_env.db_path) as con:
+        score = con.execute(
+            "SELECT score FROM sequence_scores WHERE user_id = ? AND model_id = ?",
+            [user, demo_env.model_id],
+        ).fetchall()[0][0]
+    assert metric(at, "Score") == f"{score:.2f}"
+    assert metric(at, "Label") == "—"
+    assert any("scored events" in c.value for c in at.caption)
+    assert [s.value for s in at.subheader][:2] == ["Score timeline", f"Sessions ({_n(at)})"]
+    assert at.get("plotly_chart")  # timeline, session graph, entity graph
+    assert len(at.get("plotly_chart")) == 3
+    # Warm: a second run comes from the caches.
+    started = time.perf_counter()
+    at.run()
+    warm = time.perf_counter() - started
+    print(f"\nInvestigate AppTest: cold {open_page.timings[0]:.2f} s, warm {warm:.2f} s")
+    assert not at.exception
+    assert metric(at, "Score") != "—" and at.selectbox(key="inv_user").value == user
+
+
+def _n(at: AppTest) -> str:
+    title = next(s.value for s in at.subheader if s.value.startswith("Sessions ("))
+    return title.removeprefix("Sessions (").removesuffix(")")
+
+
+def test_picking_another_user_updates_the_link(open_page, demo_env) -> None:
+    first = top_user(demo_env.db_path, demo_env.model_id)
+    at = open_page(demo_env.db_path, first)
+    other = next(o for o in at.selectbox(key="inv_user").options if not o.startswith(first))
+    other_id = other.split(" · ")[0]
+    at.selectbox(key="inv_user").set_value(other_id).run()
+    assert not at.exception
+    assert at.query_params["user"] == other_id
+    assert at.selectbox(key="inv_user").value == other_id
+    # A link followed while the page is open (entity-graph click, Triage row) switches too.
+    at.query_params["user"] = first
+    at.run()
+    assert at.selectbox(key="inv_user").value == first
+
+
+def test_label_action_writes_label_and_audit_rows(open_page, demo_db_copy) -> None:
+    user = top_user(demo_db_copy.db_path, demo_db_copy.model_id)
+    at = open_page(demo_db_copy.db_path, user)
+    at.radio(key="inv_label").set_value("fraud")
+    at.text_area(key="inv_label_note").input("=1+1 ring of cards")
+    next(b for b in at.button if b.label == f"Label {user}").click().run()
+    assert not at.exception
+    assert any("Labelled" in s.value for s in at.success)
+    assert metric(at, "Label") == "fraud"
+    with store.open_db(demo_db_copy.db_path) as con:
+        labels = con.execute("SELECT * FROM labels WHERE user_id = ?", [user]).df()
+        audit = con.execute(
+            "SELECT * FROM audit_log WHERE action = 'label' AND target = ?", [f"user:{user}"]
+        ).df()
+    assert labels[["label", "analyst", "note"]].values.tolist() == [
+        ["fraud", "tester", "=1+1 ring of cards"]
+    ]
+    assert audit["analyst"].tolist() == ["tester"]
+
+
+def test_case_action_opens_a_case(open_page, demo_db_copy) -> None:
+    user = top_user(demo_db_copy.db_path, demo_db_copy.model_id)
+    at = open_page(demo_db_copy.db_path, user)
+    at.text_input(key="inv_case_title").input("Ring 1")
+    next(b for b in at.button if b.label == "Open case / add to case").click().run()
+    assert not at.exception
+    assert metric(at, "Case").endswith("open")
+    with store.open_db(demo_db_copy.db_path) as con:
+        opened = con.execute("SELECT title, created_by FROM cases").fetchall()
+        pinned = con.execute("SELECT count(*) FROM case_events").fetchall()[0][0]
+    assert opened == [("Ring 1", "tester")] and pinned == 10
+
+
+def test_unknown_user_shows_a_message(open_page, demo_env) -> None:
+    at = open_page(demo_env.db_path, "nobody-here")
+    assert any("nobody-here" in w.value for w in at.warning)
+    assert not at.metric
+
+
+def test_one_event_user_works_and_is_scored_on_demand(open_page, demo_db_copy) -> None:
+    one = pd.DataFrame(
+        {"ts": [datetime(2026, 10, 10, 12)], "user_id": ["solo"], "event_type": ["login"]}
+    )
+    with store.open_db(demo_db_copy.db_path) as con:
+        store.ingest_dataframe(con, one, source="one-event")
+    at = open_page(demo_db_copy.db_path, "solo")
+    assert metric(at, "Events in range") == "1"
+    assert metric(at, "Score") != "—"
+    assert any("scored on demand" in c.value for c in at.caption)
+    assert len(at.get("plotly_chart")) == 3
+
+
+def test_a_model_that_does_not_load_falls_back_to_stored_scores(open_page, demo_db_copy) -> None:
+    one = pd.DataFrame(
+        {"ts": [datetime(2026, 10, 10, 12)], "user_id": ["solo"], "event_type": ["login"]}
+    )
+    with store.open_db(demo_db_copy.db_path) as con:
+        store.ingest_dataframe(con, one, source="one-event")
+        con.execute("UPDATE models SET path = ?", [str(demo_db_copy.db_path.parent / "gone")])
+    at = open_page(demo_db_copy.db_path, "solo")
+    assert any("Could not score solo" in w.value for w in at.warning)
+    assert metric(at, "Events in range") == "1" and metric(at, "Score") == "—"
