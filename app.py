@@ -15,14 +15,17 @@ st.set_page_config(page_title="fraudlens", page_icon="🔎", layout="wide")
 state = st.session_state
 state.setdefault("db_path", str(get_settings().db_path))
 
+# Page files end in "_page" on purpose: while a `pages/` folder sits next to app.py, Streamlit
+# maps a first request for /<file stem> straight to that file (its old folder-based mode)
+# until st.navigation has run once, skipping this frame. No url_path below equals a file stem.
 pages = {
     "Work": [
-        st.Page("pages/triage.py", title="Triage", icon="🚨", url_path="triage", default=True),
-        st.Page("pages/investigate.py", title="Investigate", icon="🔍", url_path="investigate"),
-        st.Page("pages/cases.py", title="Cases", icon="🗂️", url_path="cases"),
+        st.Page("pages/triage_page.py", title="Triage", icon="🚨", url_path="triage", default=True),
+        st.Page("pages/investigate_page.py", title="Investigate", icon="🔍", url_path="investigate"),
+        st.Page("pages/cases_page.py", title="Cases", icon="🗂️", url_path="cases"),
     ],
     "Tune": [
-        st.Page("pages/thresholds.py", title="Thresholds", icon="🎚️", url_path="thresholds"),
+        st.Page("pages/thresholds_page.py", title="Thresholds", icon="🎚️", url_path="thresholds"),
         st.Page("pages/data_model.py", title="Data & model", icon="🗄️", url_path="data"),
     ],
 }

@@ -61,3 +61,22 @@ def demo_db_copy(demo_env: DemoEnv, tmp_path: Path) -> DemoEnv:
     target = tmp_path / "demo.duckdb"
     shutil.copy(demo_env.db_path, target)
     return DemoEnv(db_path=target, models_dir=demo_env.models_dir, model_id=demo_env.model_id)
+
+
+@pytest.fixture()
+def app_navigation_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make AppTest route like the live server does once app.py has run.
+
+    app.py always routes with st.navigation, but a `pages/` folder beside it makes Streamlit
+    start in its old folder-based mode until st.navigation first runs, and AppTest resets that
+    guess before every run — so after switch_page a page could run without app.py's frame.
+    """
+    import streamlit.testing.v1.app_test as app_test
+    from streamlit.runtime.pages_manager import PagesManager
+
+    class NavigationPagesManager(PagesManager):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(app_test, "PagesManager", NavigationPagesManager)

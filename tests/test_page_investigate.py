@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import streamlit.testing.v1.app_test as app_test_module
-from streamlit.runtime.pages_manager import PagesManager
 from streamlit.testing.v1 import AppTest
 
 from core import store
@@ -17,20 +15,8 @@ from core import store
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
-class _NavigationOnly(PagesManager):
-    """app.py always routes with st.navigation. A `pages/` folder next to it makes Streamlit
-    assume the old folder-based multipage mode until st.navigation runs, and AppTest resets
-    that guess before every run, so a page whose url_path equals its file name would run on
-    its own, without app.py's sidebar. Tell it the truth up front."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-
 @pytest.fixture()
-def open_page(monkeypatch):
-    monkeypatch.setattr(app_test_module, "PagesManager", _NavigationOnly)
+def open_page(monkeypatch, app_navigation_mode):
     timings: list[float] = []
 
     def run(db_path: Path, user: str | None) -> AppTest:
@@ -38,9 +24,10 @@ def open_page(monkeypatch):
         at = AppTest.from_file(APP, default_timeout=120)
         at.session_state["db_path"] = str(db_path)
         at.session_state["analyst"] = "tester"
+        at.run()  # st.navigation registers the url paths; switch_page needs them
         if user is not None:
             at.query_params["user"] = user
-        at.switch_page("pages/investigate.py")
+        at.switch_page("pages/investigate_page.py")
         started = time.perf_counter()
         at.run()
         timings.append(time.perf_counter() - started)
@@ -159,8 +146,15 @@ def test_one_event_user_works_and_is_scored_on_demand(open_page, demo_db_copy) -
     at = open_page(demo_db_copy.db_path, "solo")
     assert metric(at, "Events in range") == "1"
     assert metric(at, "Score") != "—"
-    assert any("scored on demand" in c.value for c in at.caption)
     assert len(at.get("plotly_chart")) == 3
+    # Nobody ran `fraudlens score` for the new user: the app scored it on demand and stored it.
+    with store.open_db(demo_db_copy.db_path) as con:
+        stored = con.execute(
+            "SELECT count(*) FROM event_scores s JOIN events e USING (event_id) "
+            "WHERE e.user_id = 'solo' AND s.model_id = ?",
+            [demo_db_copy.model_id],
+        ).fetchall()[0][0]
+    assert stored == 1
 
 
 def test_a_model_that_does_not_load_falls_back_to_stored_scores(open_page, demo_db_copy) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from streamlit.runtime.pages_manager import PagesManager
 from streamlit.testing.v1 import AppTest
 
 from core import alerts, cases, store
@@ -17,22 +16,9 @@ from core import alerts, cases, store
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
-class _NavigationPagesManager(PagesManager):
-    """AppTest resets ``uses_pages_directory`` before every run, so with a folder named
-    ``pages/`` its second run takes the MPA-v1 path and runs the page script without app.py
-    (no sidebar; the sidebar's widget state is dropped). A live server sets the flag to False
-    for good at the first st.navigation call; this does the same for AppTest."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-
 @pytest.fixture(autouse=True)
-def _navigation_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    import streamlit.testing.v1.app_test as app_test
-
-    monkeypatch.setattr(app_test, "PagesManager", _NavigationPagesManager)
+def _navigation(app_navigation_mode: None) -> None:
+    """AppTest runs through app.py's st.navigation (see conftest)."""
 
 
 def _app(db_path: Path, page: str | None = None, **params: str) -> AppTest:
@@ -99,7 +85,7 @@ def test_triage_threshold_and_filters_drive_the_queue(demo_env) -> None:
 
 
 def test_thresholds_sliders_and_save(demo_db_copy) -> None:
-    at = _app(demo_db_copy.db_path, "pages/thresholds.py")
+    at = _app(demo_db_copy.db_path, "pages/thresholds_page.py")
     assert at.title[0].value.endswith("Thresholds")
     before = _metric(at, "Alerts in range")
     threshold = _threshold_with_alerts(demo_db_copy)
@@ -133,7 +119,7 @@ def test_cases_deep_link_actions_and_export(demo_db_copy) -> None:
         ]
         cases.open_case(con, "ann", users[:1], title="first")
         second = cases.open_case(con, "ann", users[1:], title="second")
-    at = _app(demo_db_copy.db_path, "pages/cases.py", case=str(second))
+    at = _app(demo_db_copy.db_path, "pages/cases_page.py", case=str(second))
     assert at.subheader[0].value == f"#{second} · second"
     assert at.selectbox(key="case_pick").value == second
 
@@ -165,7 +151,7 @@ def test_cases_deep_link_actions_and_export(demo_db_copy) -> None:
 def test_cases_new_case_form_opens_it(demo_db_copy) -> None:
     with store.open_db(demo_db_copy.db_path, read_only=True) as con:
         user = con.execute("SELECT min(user_id) FROM events").fetchall()[0][0]
-    at = _app(demo_db_copy.db_path, "pages/cases.py")
+    at = _app(demo_db_copy.db_path, "pages/cases_page.py")
     assert any("No cases" in i.value for i in at.info)
     at.text_input(key="case_new_users").input(f"{user}, nobody-here")
     at.button(key="FormSubmitter:case_new-Open case").click().run()
@@ -178,6 +164,6 @@ def test_cases_new_case_form_opens_it(demo_db_copy) -> None:
 
 
 def test_pages_without_a_database_explain_what_to_do(tmp_path) -> None:
-    for page in ("pages/thresholds.py", "pages/cases.py", None):
+    for page in ("pages/thresholds_page.py", "pages/cases_page.py", None):
         at = _app(tmp_path / "missing.duckdb", page)
         assert any("No database" in i.value for i in at.info)

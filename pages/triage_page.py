@@ -127,7 +127,7 @@ else:
     rows = selection.selection.rows if selection is not None else []
     if rows:
         st.switch_page(
-            "pages/investigate.py", query_params={"user": str(queue.iloc[rows[0]].user_id)}
+            "pages/investigate_page.py", query_params={"user": str(queue.iloc[rows[0]].user_id)}
         )
     st.caption("Select a row to investigate that user.")
 
