@@ -622,6 +622,7 @@ _SORTED = "__fl_events_sorted"
 _STAGE = "__fl_stage"
 _SESSIONS = "__fl_sessions"
 _NEW = "__fl_new"
+_DUPS = "__fl_dups"
 _ORDINAL = "__fl_ordinal"
 
 _REJECT_REASON = """CASE error_type
@@ -645,7 +646,7 @@ def _duplicate_batch(con: duckdb.DuckDBPyConnection, checksum: str) -> int | Non
 
 
 def _drop_scratch(con: duckdb.DuckDBPyConnection) -> None:
-    for table in (_STAGE, _CHECKED, _NEW, _SESSIONS, _REJECTS, _REJECT_SCANS):
+    for table in (_STAGE, _CHECKED, _DUPS, _NEW, _SESSIONS, _REJECTS, _REJECT_SCANS):
         con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
@@ -684,6 +685,8 @@ def _run_batch(
             params["rowid0"] = _first_rowid(con)
         sql = _checked_sql(src, plans)
         con.execute(sql, _used(sql, params))
+        if "event_id" in plans:
+            _mark_duplicate_ids(con, src, params)
         con.execute(f"DROP TABLE IF EXISTS {_STAGE}")  # scratch goes as soon as used: memory
         _step_done("read")
         n_rows, n_ok = _one(
@@ -758,30 +761,52 @@ def _checked_sql(src: _Source, plans: dict[str, _Plan]) -> str:
         f"WHEN {cond} THEN '{reason}'" for plan in plans.values() for cond, reason in plan.checks
     ]
     reason0 = "CASE " + " ".join(whens) + " END" if whens else "CAST(NULL AS VARCHAR)"
-    reason = "reason0"
-    if "event_id" in plans:
-        # The first valid row with an id wins; ids already stored are duplicates too.
-        reason = (
-            "CASE WHEN reason0 IS NULL AND v_event_id IS NOT NULL AND (row_number() OVER"
-            " (PARTITION BY v_event_id, reason0 IS NULL ORDER BY __n) > 1"
-            " OR v_event_id IN (SELECT event_id FROM events))"
-            " THEN 'duplicate event_id' ELSE reason0 END"
-        )
-    raw = (
-        "to_json(struct_pack("
-        + ", ".join(f"{_ident(name)} := __s{i}" for i, name in enumerate(src.columns))
-        + "))"
-    )
+    raw = _raw_json(src)
     values = ", ".join(f"v_{name}" for name in plans)
     return f"""
         CREATE TEMP TABLE {_CHECKED} AS
         WITH s AS ({src.select_sql}),
         l1 AS (SELECT {", ".join(layer1)} FROM s),
-        l2 AS (SELECT *, {reason0} AS reason0 FROM l1),
-        l3 AS (SELECT *, {reason} AS reason FROM l2)
+        l2 AS (SELECT *, {reason0} AS reason FROM l1)
         SELECT __n, {values}, reason,
                CASE WHEN reason IS NOT NULL THEN CAST({raw} AS VARCHAR) END AS raw
-        FROM l3"""  # noqa: S608
+        FROM l2"""  # noqa: S608
+
+
+def _raw_json(src: _Source) -> str:
+    """The source row as a JSON object, over the columns __s0, __s1, ... of src.select_sql."""
+    return (
+        "to_json(struct_pack("
+        + ", ".join(f"{_ident(name)} := __s{i}" for i, name in enumerate(src.columns))
+        + "))"
+    )
+
+
+def _mark_duplicate_ids(
+    con: duckdb.DuckDBPyConnection, src: _Source, params: dict[str, Any]
+) -> None:
+    """Quarantine valid rows whose event_id an earlier valid row of the batch, or a stored
+    event, already has: the first valid row with an id wins.
+
+    Done after _CHECKED on the narrow (__n, v_event_id) columns: a window inside the
+    validation pass dragged every column through its sort and cost more than the rest of the
+    pass. Duplicates are rare, so their raw rows are read back from the source only then.
+    """
+    sql = f"""CREATE TEMP TABLE {_DUPS} AS SELECT c.__n FROM {_CHECKED} c
+        LEFT JOIN (SELECT v_event_id, min(__n) AS first FROM {_CHECKED}
+                   WHERE reason IS NULL AND v_event_id IS NOT NULL
+                   GROUP BY v_event_id HAVING count(*) > 1) f ON c.v_event_id = f.v_event_id
+        WHERE c.reason IS NULL AND c.v_event_id IS NOT NULL
+          AND (c.__n > f.first OR c.v_event_id IN (SELECT event_id FROM events))"""  # noqa: S608
+    con.execute(sql)
+    row = _one(con.execute(f"SELECT count(*) FROM {_DUPS}"))  # noqa: S608
+    if not row or not row[0]:
+        return
+    fix = f"""UPDATE {_CHECKED} SET reason = 'duplicate event_id', raw = d.raw
+        FROM (SELECT __n, CAST({_raw_json(src)} AS VARCHAR) AS raw
+              FROM ({src.select_sql}) WHERE __n IN (SELECT __n FROM {_DUPS})) d
+        WHERE {_CHECKED}.__n = d.__n"""  # noqa: S608
+    con.execute(fix, _used(fix, params))
 
 
 def _sort_and_sessionize(
