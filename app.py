@@ -21,7 +21,9 @@ state.setdefault("db_path", str(get_settings().db_path))
 pages = {
     "Work": [
         st.Page("pages/triage_page.py", title="Triage", icon="🚨", url_path="triage", default=True),
-        st.Page("pages/investigate_page.py", title="Investigate", icon="🔍", url_path="investigate"),
+        st.Page(
+            "pages/investigate_page.py", title="Investigate", icon="🔍", url_path="investigate"
+        ),
         st.Page("pages/cases_page.py", title="Cases", icon="🗂️", url_path="cases"),
     ],
     "Tune": [
