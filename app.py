@@ -10,7 +10,7 @@ import streamlit as st
 from core.config import get_settings
 from pages._shared import DEFAULT_THRESHOLD, dataset_span, models_list, saved_threshold
 
-st.set_page_config(page_title="fraudlens", page_icon="🔎", layout="wide")
+st.set_page_config(page_title="fraudlens", page_icon=":material/policy:", layout="wide")
 
 state = st.session_state
 state.setdefault("db_path", str(get_settings().db_path))
@@ -20,15 +20,33 @@ state.setdefault("db_path", str(get_settings().db_path))
 # until st.navigation has run once, skipping this frame. No url_path below equals a file stem.
 pages = {
     "Work": [
-        st.Page("pages/triage_page.py", title="Triage", icon="🚨", url_path="triage", default=True),
         st.Page(
-            "pages/investigate_page.py", title="Investigate", icon="🔍", url_path="investigate"
+            "pages/triage_page.py",
+            title="Triage",
+            icon=":material/notifications_active:",
+            url_path="triage",
+            default=True,
         ),
-        st.Page("pages/cases_page.py", title="Cases", icon="🗂️", url_path="cases"),
+        st.Page(
+            "pages/investigate_page.py",
+            title="Investigate",
+            icon=":material/person_search:",
+            url_path="investigate",
+        ),
+        st.Page(
+            "pages/cases_page.py", title="Cases", icon=":material/folder_open:", url_path="cases"
+        ),
     ],
     "Tune": [
-        st.Page("pages/thresholds_page.py", title="Thresholds", icon="🎚️", url_path="thresholds"),
-        st.Page("pages/data_model.py", title="Data & model", icon="🗄️", url_path="data"),
+        st.Page(
+            "pages/thresholds_page.py",
+            title="Thresholds",
+            icon=":material/tune:",
+            url_path="thresholds",
+        ),
+        st.Page(
+            "pages/data_model.py", title="Data & model", icon=":material/database:", url_path="data"
+        ),
     ],
 }
 navigation = st.navigation(pages)

@@ -16,7 +16,7 @@ from core import cases, store
 from pages._shared import context, require_database
 
 ctx = context()
-st.title("🗂️ Cases")
+st.title("Cases")
 require_database(ctx)
 state = st.session_state
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from pages._upload import upload_section
 ctx = context()
 state = st.session_state
 registry = jobs.registry()
-st.title("🗄️ Data & model")
+st.title("Data & model")
 SUPERVISED_HELP = "Demo truth or analyst labels; skipped with fewer than 5 of each."
 
 

@@ -16,7 +16,7 @@ from pages._shared import context, loaded_model, require_database
 
 state = st.session_state
 ctx = context()
-st.title("🔍 Investigate")
+st.title("Investigate")
 require_database(ctx)
 
 

@@ -13,7 +13,7 @@ from core.scoring import DEFAULT_UNSUPERVISED_WEIGHT
 from pages._shared import context, require_database, require_model, saved_threshold
 
 ctx = context()
-st.title("🎚️ Thresholds")
+st.title("Thresholds")
 require_database(ctx)
 require_model(ctx)
 assert ctx.model_id is not None

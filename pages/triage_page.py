@@ -13,7 +13,7 @@ from core.scoring import LoadedModel
 from pages._shared import context, loaded_model, require_database, require_model
 
 ctx = context()
-st.title("🚨 Triage")
+st.title("Triage")
 require_database(ctx)
 require_model(ctx)
 assert ctx.model_id is not None and ctx.model_path is not None
