@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DB ?= data/fraudlens.duckdb
 PORT ?= 8501
+# Loopback by default: the app shows customer data; set ADDRESS=0.0.0.0 to share it deliberately.
+ADDRESS ?= 127.0.0.1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -24,7 +26,7 @@ demo: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/fraudlens prepare --db $(DB)
 	FRAUDLENS_DB=$(DB) $(VENV)/bin/streamlit run app.py --server.port $(PORT) \
-		--server.headless true --browser.gatherUsageStats false
+		--server.address $(ADDRESS) --server.headless true --browser.gatherUsageStats false
 
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \

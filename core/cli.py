@@ -206,6 +206,9 @@ def train(
         bool,
         typer.Option("--supervised/--no-supervised", help="Fine-tune on labels when they exist."),
     ] = True,
+    supervised_epochs: Annotated[
+        int, typer.Option(min=1, help="Fine-tuning epochs on labels.")
+    ] = 2,
     resume: Annotated[str | None, typer.Option(help="Model id whose checkpoint to resume.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     db: DbOption = None,
@@ -215,7 +218,13 @@ def train(
 
     if size not in ("tiny", "small", "base"):
         raise _fail("--size must be tiny, small or base", 2)
-    cfg = TrainConfig(size=size, epochs=epochs, supervised=supervised, device=device)  # type: ignore[arg-type]
+    cfg = TrainConfig(
+        size=size,  # type: ignore[arg-type]
+        epochs=epochs,
+        supervised=supervised,
+        supervised_epochs=supervised_epochs,
+        device=device,
+    )
     users = _read_users_file(users_file)
     until_ts = _parse_ts(until, "--until")
     try:
@@ -366,8 +375,10 @@ def prepare(db: DbOption = None) -> None:
             ).fetchall()[0][0]
         )
     if found is None:
-        typer.echo("no model yet: training the small model on this database (CPU: a few minutes)")
-        train(db=path)
+        typer.echo("no model yet: training the small model on this database (CPU: ~5 minutes)")
+        # A shorter schedule than `fraudlens train`'s default keeps the first start near five
+        # minutes on a 2-core laptop; retrain longer from the Data & model page or the CLI.
+        train(db=path, epochs=4, supervised_epochs=1)
     if not scored:
         score(db=path)
 
