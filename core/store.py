@@ -646,6 +646,8 @@ def _duplicate_batch(con: duckdb.DuckDBPyConnection, checksum: str) -> int | Non
 
 
 def _drop_scratch(con: duckdb.DuckDBPyConnection) -> None:
+    # Identifiers in f-string SQL in this module are the module's own scratch-table constants
+    # (_STAGE, _CHECKED, ...), never data: every value from outside is a ? / $name parameter.
     for table in (_STAGE, _CHECKED, _DUPS, _NEW, _SESSIONS, _REJECTS, _REJECT_SCANS):
         con.execute(f"DROP TABLE IF EXISTS {table}")
 
