@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 from numpy.lib.stride_tricks import sliding_window_view
 
-from core.schema import SESSION_GAP_MINUTES
+from core.schema import SESSION_GAP_MINUTES, naive_utc
 
 TimeBound = datetime | pd.Timestamp | str | None
 
@@ -130,20 +130,11 @@ def _filter_sql(
         params["users"] = [str(u) for u in users]
     if start is not None:
         clauses.append("ts >= $start::TIMESTAMP")
-        params["start"] = _naive_utc(start)
+        params["start"] = naive_utc(start)
     if end is not None:
         clauses.append("ts < $end::TIMESTAMP")
-        params["end"] = _naive_utc(end)
+        params["end"] = naive_utc(end)
     return " AND ".join(clauses), params
-
-
-def _naive_utc(value: datetime | pd.Timestamp | str) -> datetime:
-    """`events.ts` is naive UTC; an aware bound is converted rather than cast through the
-    session time zone."""
-    ts = pd.Timestamp(value)
-    if ts.tzinfo is not None:
-        ts = ts.tz_convert("UTC").tz_localize(None)
-    return ts.to_pydatetime()
 
 
 @dataclass

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from tqdm import tqdm
 
-from core import store
+from core import schema, store
 from core.config import get_settings
 
 app = typer.Typer(
@@ -185,7 +185,7 @@ def _parse_ts(value: str | None, name: str) -> datetime | None:
         raise _fail(
             f"{name} {value!r} is not an ISO date/time (e.g. 2026-10-15 or 2026-10-15T08:00)", 2
         ) from None
-    return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo else ts
+    return schema.naive_utc(ts)
 
 
 @app.command()

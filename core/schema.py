@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
+import pandas as pd
+
 Role = Literal["key", "time", "type", "entity", "item", "amount", "text", "meta"]
 
 
@@ -87,3 +89,12 @@ FRAUD_TYPOLOGIES: tuple[str, ...] = (
     "fake_reviews",
     "scraping_bot",
 )
+
+
+def naive_utc(value: datetime | pd.Timestamp | str) -> datetime:
+    """A time bound as `events.ts` stores it: naive UTC. An aware value is converted (never
+    cast through a session time zone); a naive one is taken as UTC already."""
+    ts = pd.Timestamp(value)
+    if ts.tzinfo is not None:
+        ts = ts.tz_convert("UTC").tz_localize(None)
+    return ts.to_pydatetime()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from core.schema import COLUMN_NAMES
+from core.schema import COLUMN_NAMES, naive_utc
 
 PAD, ABSENT, UNK, FIRST_REAL = 0, 1, 2, 3
 
@@ -484,8 +484,6 @@ def iter_window_batches(
 
 
 # -- loading -------------------------------------------------------------------------------------
-def _naive_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
 
 
 def load_events(
@@ -513,10 +511,10 @@ def load_events(
         params.append([str(u) for u in users])
     if start is not None:
         where.append("ts >= ?")
-        params.append(_naive_utc(start))
+        params.append(naive_utc(start))
     if end is not None:
         where.append("ts < ?")
-        params.append(_naive_utc(end))
+        params.append(naive_utc(end))
     order = [c for c in ("user_id", "ts", "event_id") if c in present]
     # Identifiers come from core.schema.COLUMN_NAMES (a fixed list); every value is a parameter.
     query = (

@@ -1215,11 +1215,7 @@ def write_truth(
 
 
 def _naive_utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return value
+    return None if value is None else schema.naive_utc(value)
 
 
 def _time_filter(start: datetime | None, end: datetime | None) -> tuple[str, list[Any]]:
