@@ -1,0 +1,217 @@
+"""Attributions (Captum LayerIntegratedGradients) and the deletion check on the tiny demo model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from core import store
+from core.explain import (
+    ExplainSettings,
+    counterfactual,
+    displayed_scores,
+    explain_events,
+    resolve_target,
+)
+from core.scoring import LoadedModel, load_model
+from core.sequences import ABSENT, PAD, load_events
+from tests.conftest import DemoEnv
+
+
+@pytest.fixture(scope="module")
+def loaded(demo_env: DemoEnv) -> LoadedModel:
+    return load_model(demo_env.models_dir / demo_env.model_id, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fraud_users(demo_env: DemoEnv) -> list[str]:
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        rows = con.execute(
+            "SELECT user_id FROM truth_events GROUP BY user_id HAVING count(*) >= 5 "
+            "ORDER BY user_id LIMIT 12"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _events(env: DemoEnv, user_id: str) -> pd.DataFrame:
+    with store.open_db(env.db_path, read_only=True) as con:
+        return load_events(con, users=[user_id]).to_pandas()
+
+
+@pytest.mark.parametrize("target", ["supervised", "unsupervised"])
+def test_attributions_are_complete_per_event_and_field(
+    demo_env: DemoEnv, loaded: LoadedModel, fraud_users: list[str], target: str
+) -> None:
+    events = _events(demo_env, fraud_users[0])
+    att = explain_events(loaded, events, ExplainSettings(n_steps=48, target=target))  # type: ignore[arg-type]
+    n = min(len(events), loaded.model.config.max_len)
+    assert att.per_field.shape == (n, len(loaded.model.config.field_names))
+    assert att.n_events_total == len(events)
+    assert set(att.event_ids) <= set(events["event_id"])
+    # Completeness: the attributions add up to target(input) - target(baseline), within the
+    # convergence delta Captum reports (plus float32 slack).
+    gap = att.target_value - att.baseline_value
+    assert abs(att.per_field.sum() - gap) <= abs(att.delta) + 1e-3 * max(1.0, abs(gap))
+    assert abs(att.delta) < 0.05 * max(1.0, abs(gap))
+    assert np.isfinite(att.per_field).all()
+    assert att.per_field.any()
+    top = att.top_events(5)
+    assert len(top) == 5
+    assert top["attribution"].is_monotonic_decreasing
+    assert att.method_settings()["n_steps"] == 48
+
+
+def _hand_rolled_ig(loaded: LoadedModel, fields: torch.Tensor, steps: int) -> np.ndarray:
+    """Integrated gradients written out directly over the per-field embedding tensors, with the
+    unsupervised typicality target, the Riemann midpoint rule and plain autograd."""
+    model = loaded.model
+    ref = loaded.reference
+    mean = torch.tensor(ref.field_mean)
+    std = torch.tensor(ref.field_std)
+    tables = list(model.field_embeddings.values())
+    x = [t.weight[fields[..., j]].detach() for j, t in enumerate(tables)]
+    b = [
+        t.weight[torch.where(fields[..., j] == PAD, PAD, ABSENT)].detach()
+        for j, t in enumerate(tables)
+    ]
+    absent = fields <= ABSENT  # no path for absent fields: their factor stays 1
+    mask = torch.ones(fields.shape[:2], dtype=torch.bool)
+    n = float(fields.shape[1])
+    total = [torch.zeros_like(xi) for xi in x]
+    for i in range(steps):
+        alpha = (i + 0.5) / steps
+        points = [
+            (bi + alpha * (xi - bi)).requires_grad_(True) for xi, bi in zip(x, b, strict=True)
+        ]
+        out = model.forward_from_embeddings(sum(points), mask, targets=fields)
+        # The own-surprisal factor is the point's position along its field's path (alpha on
+        # the path, written as a function of the point so that its gradient counts).
+        factor = torch.stack(
+            [
+                ((p - bi) * (xi - bi)).sum(-1) / ((xi - bi) ** 2).sum(-1).clamp(min=1e-12)
+                for p, xi, bi in zip(points, x, b, strict=True)
+            ],
+            dim=-1,
+        )
+        z = (out.field_nll - mean) / std
+        z = z * torch.where(absent, 1.0, factor)
+        value = (z.sum(dim=1) / n).norm(dim=-1) * np.sqrt(min(n, ref.evidence_cap))
+        grads = torch.autograd.grad(value.sum(), points)
+        for t, g in zip(total, grads, strict=True):
+            t += g / steps
+    return torch.stack(
+        [((xi - bi) * t).sum(dim=-1)[0] for xi, bi, t in zip(x, b, total, strict=True)], dim=-1
+    ).numpy()
+
+
+def test_matches_a_hand_rolled_integrated_gradients(
+    demo_env: DemoEnv, loaded: LoadedModel, fraud_users: list[str]
+) -> None:
+    events = _events(demo_env, fraud_users[1]).head(40)
+    settings = ExplainSettings(n_steps=16, method="riemann_middle", target="unsupervised")
+    att = explain_events(loaded, events, settings)
+    encoded = loaded.featurizer.transform(events)
+    fields = torch.from_numpy(encoded.fields.astype(np.int64))[None]
+    reference = _hand_rolled_ig(loaded, fields, steps=16)
+    assert reference.shape == att.per_field.shape
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(att.per_field, reference, atol=2e-3 * scale, rtol=1e-2)
+
+
+def test_long_history_explains_its_highest_scoring_window(
+    demo_env: DemoEnv, loaded: LoadedModel
+) -> None:
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        user = con.execute(
+            "SELECT user_id FROM events GROUP BY user_id ORDER BY count(*) DESC LIMIT 1"
+        ).fetchone()[0]  # type: ignore[index]
+        events = load_events(con, users=[user]).to_pandas()
+    max_len = loaded.model.config.max_len
+    assert len(events) > max_len, "fixture should hold a user longer than one window"
+    att = explain_events(loaded, events, ExplainSettings(n_steps=8))
+    assert att.n_events == max_len
+    rows = att.window_rows
+    assert np.array_equal(rows, np.arange(rows[0], rows[0] + max_len))
+    assert np.array_equal(att.event_ids, events["event_id"].to_numpy()[rows])
+
+
+def test_lock_serialises_attribution_on_the_shared_model(
+    demo_env: DemoEnv, loaded: LoadedModel, fraud_users: list[str]
+) -> None:
+    events = [_events(demo_env, u) for u in fraud_users[:2]]
+    settings = ExplainSettings(n_steps=16)
+    serial = [explain_events(loaded, e, settings).per_field for e in events]
+
+    results: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        results[i] = explain_events(loaded, events[i], settings).per_field
+
+    # While someone holds the model's lock, an explanation waits for it.
+    with loaded.lock:
+        blocked = threading.Thread(target=work, args=(0,))
+        blocked.start()
+        time.sleep(0.3)
+        assert blocked.is_alive() and 0 not in results
+    blocked.join(timeout=60)
+    # Two threads at once give exactly the serial answers (no hook from one leaks into the other).
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for i in range(2):
+        np.testing.assert_allclose(results[i], serial[i], rtol=1e-5, atol=1e-6)
+    assert not loaded.model.training
+
+
+def test_refuses_inference_mode_and_missing_head(
+    demo_env: DemoEnv, loaded: LoadedModel, fraud_users: list[str]
+) -> None:
+    events = _events(demo_env, fraud_users[0])
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        explain_events(loaded, events)
+    with pytest.raises(ValueError, match="one user"):
+        explain_events(loaded, pd.concat([events, _events(demo_env, fraud_users[1])]))
+    assert resolve_target(loaded, "auto") == "supervised"
+
+
+def test_deletion_check_removes_more_score_than_random_events(
+    demo_env: DemoEnv, loaded: LoadedModel, fraud_users: list[str]
+) -> None:
+    drops_top, drops_random = [], []
+    for user in fraud_users[:8]:
+        events = _events(demo_env, user)
+        att = explain_events(loaded, events, ExplainSettings(n_steps=16))
+        cf = counterfactual(loaded, events, att, k=5)
+        assert cf.k == 5
+        encoded = loaded.featurizer.transform(events)
+        # "before" is the displayed score of the explained window itself
+        assert cf.score_before == pytest.approx(
+            displayed_scores(loaded, encoded, [att.window_rows])[0], abs=1e-6
+        )
+        drops_top.append(cf.drop_top)
+        drops_random.append(cf.drop_random)
+        assert "Without these 5 events the score" in cf.sentence()
+    assert np.mean(drops_top) > np.mean(drops_random)
+
+
+def test_displayed_score_matches_batch_scoring(demo_env: DemoEnv, loaded: LoadedModel) -> None:
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        user, stored = con.execute(
+            "SELECT s.user_id, s.score FROM sequence_scores s JOIN (SELECT user_id FROM events "
+            "GROUP BY user_id HAVING count(*) <= ?) e USING (user_id) WHERE s.model_id = ? "
+            "AND s.window_start IS NULL ORDER BY s.user_id LIMIT 1",
+            [int(loaded.model.config.max_len), loaded.model_id],
+        ).fetchone()  # type: ignore[misc]
+        events = load_events(con, users=[user])
+    encoded = loaded.featurizer.transform(events)
+    score = displayed_scores(loaded, encoded, [np.arange(encoded.n_events)])[0]
+    # The percentile is a step function: float noise may move it by one step (weight 0.5).
+    step = 1.0 / len(loaded.reference.quantiles)
+    assert score == pytest.approx(stored, abs=step + 1e-6)
