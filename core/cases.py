@@ -57,6 +57,11 @@ EXPORT_COLUMNS: tuple[str, ...] = (
     "threshold",
     "alert",
     "top_reasons",
+    "top_attributed_events",
+    "counterfactual",
+    "summary",
+    "summary_backend",
+    "summary_grounded",
     "notes",
     "exported_by",
     "exported_at",
@@ -568,6 +573,16 @@ def case_export_frame(
     frame = frame.merge(scores, on="user_id", how="left")
     reasons = top_reasons(con, model_id, users) if model_id else pd.Series(dtype=str)
     frame["top_reasons"] = frame["user_id"].map(reasons).fillna("")
+    explained = con.execute(
+        "SELECT user_id, arg_max(top_events, created_at) AS top_attributed_events,"
+        " arg_max(counterfactual, created_at) AS counterfactual,"
+        " arg_max(summary, created_at) AS summary,"
+        " arg_max(summary_backend, created_at) AS summary_backend,"
+        " arg_max(grounded, created_at) AS summary_grounded FROM explanations"
+        " WHERE model_id = ? AND user_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY user_id",
+        [model_id, users],
+    ).df()
+    frame = frame.merge(explained, on="user_id", how="left")
     frame["model_id"] = model_id or ""
     frame["threshold"] = float(threshold)
     frame["alert"] = frame["score"].astype(float) >= float(threshold)

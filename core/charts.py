@@ -304,3 +304,28 @@ __all__ = [
     "score_color",
     "score_timeline",
 ]
+
+
+def field_attribution_bar(totals: pd.Series, *, height: int = 300) -> go.Figure:
+    """Horizontal bars: how much each field (event type, price, new device, …) moved the score;
+    red raises it, blue lowers it; largest magnitude on top."""
+    if totals.empty:
+        return empty_figure("No attributions.", height=height)
+    ordered = totals.reindex(totals.abs().sort_values().index)
+    fig = go.Figure(
+        go.Bar(
+            x=ordered.to_numpy(),
+            y=list(ordered.index),
+            orientation="h",
+            marker_color=["#d62728" if v > 0 else "#1f77b4" for v in ordered.to_numpy()],
+            hovertemplate="%{y}: %{x:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=height,
+        margin={"l": 10, "r": 10, "t": 30, "b": 30},
+        title={"text": "Attribution by field", "font": {"size": 14}},
+        xaxis_title="contribution to the score",
+        showlegend=False,
+    )
+    return fig

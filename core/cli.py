@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from tqdm import tqdm
 
 from core import schema, store
 from core.config import get_settings
+
+if TYPE_CHECKING:
+    from core.evidence import Explanation
+    from core.narrate import Summary
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -381,6 +386,196 @@ def prepare(db: DbOption = None) -> None:
         train(db=path, epochs=4, supervised_epochs=1)
     if not scored:
         score(db=path)
+
+
+# The alert threshold when none is saved for the model: the dashboard's default
+# (pages/_shared.DEFAULT_THRESHOLD, which core cannot import: pages import streamlit).
+DEFAULT_THRESHOLD = 0.9
+EXPLAIN_TARGETS = ("auto", "supervised", "unsupervised")
+
+
+@app.command()
+def explain(
+    user: Annotated[str, typer.Argument(help="The user id to explain.")],
+    start: Annotated[str | None, typer.Option(help="Only events at or after this time.")] = None,
+    end: Annotated[str | None, typer.Option(help="Only events before this time.")] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            help="Summary writer: template, hf-local or openai-compatible "
+            "(default: $FRAUDLENS_LLM_BACKEND or template)."
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    steps: Annotated[int, typer.Option(min=2, help="Integrated-gradients steps.")] = 32,
+    target: Annotated[
+        str, typer.Option(help="Score to explain: auto, supervised or unsupervised.")
+    ] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    db: DbOption = None,
+) -> None:
+    """Why a user scores as they do: top attributed events, per-field totals, the deletion
+    check, linked accounts and a grounded summary."""
+    from core import alerts
+    from core.evidence import explain_user
+    from core.explain import ExplainSettings
+    from core.narrate import BACKENDS, make_narrator, narrate
+
+    if target not in EXPLAIN_TARGETS:
+        raise _fail(f"--target must be one of {', '.join(EXPLAIN_TARGETS)}, not {target!r}", 2)
+    if backend is not None and backend not in BACKENDS:
+        raise _fail(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}", 2)
+    start_ts, end_ts = _parse_ts(start, "--start"), _parse_ts(end, "--end")
+    settings = get_settings()
+    if backend is not None:
+        settings = dataclasses.replace(settings, llm_backend=backend)
+    try:
+        # Before the attributions: a misconfigured backend is a usage error, found in no time.
+        narrator = make_narrator(settings)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+
+    path = _db(db)
+    if not path.exists():
+        raise _fail(f"no database at {path}; build one with `fraudlens demo` or `fraudlens ingest`")
+    try:
+        with store.open_db(path, read_only=True) as con:
+            loaded = _load_model_or_fail(con, model)
+            model_id = loaded.model_id  # type: ignore[attr-defined]
+            n_user = con.execute("SELECT count(*) FROM events WHERE user_id = ?", [user]).fetchone()
+            if not n_user or not n_user[0]:
+                raise _fail(f"no user {user!r} in {path}")
+            saved = alerts.saved_setting(con, model_id)
+            threshold = saved.threshold if saved is not None else DEFAULT_THRESHOLD
+            explanation = explain_user(
+                con,
+                loaded,  # type: ignore[arg-type]
+                user,
+                start_ts,
+                end_ts,
+                threshold=threshold,
+                settings=ExplainSettings(n_steps=steps, target=target),  # type: ignore[arg-type]
+            )
+    except store.StoreError as exc:
+        raise _fail(str(exc)) from None
+    except ValueError as exc:  # e.g. --target supervised on a model without that head
+        raise _fail(f"cannot explain {user!r}: {exc}") from None
+    if explanation is None:
+        raise _fail(
+            f"user {user!r} has no events between {start or 'the start'} and {end or 'the end'}"
+        )
+    summary = narrate(explanation.facts, narrator)
+    threshold_source = "saved" if saved is not None else "default"
+    if as_json:
+        typer.echo(
+            json.dumps(
+                _explanation_json(explanation, summary, threshold_source), indent=2, default=str
+            )
+        )
+        return
+    _print_explanation(explanation, summary, threshold_source)
+
+
+def _explanation_json(
+    explanation: Explanation, summary: Summary, threshold_source: str
+) -> dict[str, Any]:
+    att, cf = explanation.attribution, explanation.counterfactual
+    return {
+        "facts": explanation.facts.to_dict(),
+        "threshold_source": threshold_source,
+        "attribution": {
+            "target": att.target,
+            "target_value": att.target_value,
+            "baseline_value": att.baseline_value,
+            "n_events": att.n_events,
+            "n_events_total": att.n_events_total,
+            "field_names": list(att.field_names),
+            "events": [
+                {"event_id": int(eid), "ts": str(ts), "attribution": float(total), "per_field": pf}
+                for eid, ts, total, pf in zip(
+                    att.event_ids.tolist(),
+                    att.ts.astype("datetime64[us]").tolist(),
+                    att.per_event.tolist(),
+                    att.per_field.tolist(),
+                    strict=True,
+                )
+            ],
+        },
+        "field_totals": {k: float(v) for k, v in att.field_totals().items()},
+        "counterfactual": {
+            **dataclasses.asdict(cf),
+            "drop_top": cf.drop_top,
+            "drop_random": cf.drop_random,
+            "sentence": cf.sentence(),
+        },
+        "method": att.method_settings(),
+        "summary": summary.to_dict(),
+    }
+
+
+def _print_explanation(explanation: Explanation, summary: Summary, threshold_source: str) -> None:
+    facts, att = explanation.facts, explanation.attribution
+    span = f"{facts.start or 'first event'} .. {facts.end or 'last event'}"
+    typer.echo(f"user         {facts.user_id}  ({facts.n_events:,} events, {span})")
+    typer.echo(f"model        {facts.model_id}")
+    side = "ABOVE" if facts.above_threshold else "below"
+    pct = "n/a" if facts.percentile is None else f"{facts.percentile:.1%}"
+    typer.echo(
+        f"score        {facts.score:.3f} ({side} the {threshold_source} threshold "
+        f"{facts.threshold:.2f}); unsupervised percentile {pct}"
+    )
+    method = att.method_settings()
+    typer.echo(
+        f"attribution  {att.n_events} of {att.n_events_total} events explained, target "
+        f"{att.target}, {method['n_steps']} steps, convergence delta {att.delta:.2e}"
+    )
+
+    typer.echo("")
+    typer.echo("top events by attribution:")
+    typer.echo(f"  {'#':>2}  {'time':<19}  {'event type':<16} {'share':>6}  top field")
+    top = explanation.top_events
+    for i, row in enumerate(top.itertuples(index=False), start=1):
+        ts = f"{row.ts:%Y-%m-%d %H:%M:%S}"
+        etype = str(getattr(row, "event_type", ""))
+        typer.echo(f"  {i:>2}  {ts:<19}  {etype:<16} {row.share:>6.1%}  {row.top_field}")
+
+    typer.echo("")
+    typer.echo("attribution per field:")
+    for name, value in att.field_totals().sort_values(ascending=False).items():
+        typer.echo(f"  {name:<14} {value:>+9.4f}")
+
+    typer.echo("")
+    typer.echo(f"counterfactual  {explanation.counterfactual.sentence()}")
+
+    typer.echo("")
+    if facts.linked:
+        typer.echo("linked accounts:")
+        for entity in facts.linked:
+            users = ", ".join(f"{u} ({entity.labels.get(u, 'unlabelled')})" for u in entity.users)
+            typer.echo(f"  {entity.kind} {entity.value}: {users}")
+    else:
+        typer.echo("linked accounts: none (no device, IP or card shared with other users)")
+
+    typer.echo("")
+    asked = summary.requested_backend
+    by = summary.backend + (f" (asked for {asked})" if asked and asked != summary.backend else "")
+    verdict = "grounded" if summary.grounding.grounded else "NOT GROUNDED"
+    typer.echo(f"summary  [backend: {by}; grounding: {verdict}]")
+    if summary.message:
+        typer.secho(f"note: {summary.message}", fg=typer.colors.YELLOW)
+    if summary.flagged:
+        typer.secho(
+            "!!! FLAGGED: this summary cites values that are not in the evidence !!!",
+            fg=typer.colors.RED,
+            bold=True,
+        )
+        for problem in summary.grounding.problems:
+            typer.secho(f"  - {problem}", fg=typer.colors.RED)
+    typer.echo(summary.text)
+    if summary.flagged and summary.fallback_text:
+        typer.echo("")
+        typer.echo("template summary (grounded, from the facts only):")
+        typer.echo(summary.fallback_text)
 
 
 def main() -> None:

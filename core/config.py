@@ -16,6 +16,31 @@ class Settings:
         default_factory=lambda: Path(os.environ.get("FRAUDLENS_MODELS", "data/models"))
     )
     device: str = field(default_factory=lambda: os.environ.get("FRAUDLENS_DEVICE", "auto"))
+    # Summary writer (core.narrate): "template" (default), "hf-local" or "openai-compatible".
+    llm_backend: str = field(
+        default_factory=lambda: os.environ.get("FRAUDLENS_LLM_BACKEND", "template")
+    )
+    llm_model_dir: Path | None = field(
+        default_factory=lambda: _optional_path("FRAUDLENS_LLM_MODEL_DIR")
+    )
+    llm_base_url: str | None = field(
+        default_factory=lambda: os.environ.get("FRAUDLENS_LLM_BASE_URL") or None
+    )
+    llm_model: str | None = field(
+        default_factory=lambda: os.environ.get("FRAUDLENS_LLM_MODEL") or None
+    )
+    # repr=False: settings get printed and logged; the key must not be.
+    llm_api_key: str | None = field(
+        default_factory=lambda: os.environ.get("FRAUDLENS_LLM_API_KEY") or None, repr=False
+    )
+    llm_timeout_s: float = field(
+        default_factory=lambda: float(os.environ.get("FRAUDLENS_LLM_TIMEOUT", "20"))
+    )
+
+
+def _optional_path(var: str) -> Path | None:
+    value = os.environ.get(var)
+    return Path(value) if value else None
 
 
 def get_settings() -> Settings:

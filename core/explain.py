@@ -151,17 +151,14 @@ class Counterfactual:
         return self.score_before - self.score_without_random
 
     def sentence(self) -> str:
-        verb = "falls" if self.score_without_top < self.score_before else "rises"
-        random_verb = (
-            "stays at"
-            if abs(self.drop_random) < 0.05
-            else ("falls to" if self.drop_random > 0 else "rises to")
-        )
-        events = "event" if self.k == 1 else "events"
-        return (
-            f"Without these {self.k} {events} the score {verb} from {self.score_before:.2f} "
-            f"to {self.score_without_top:.2f}; without {self.k} random {events} it "
-            f"{random_verb} {self.score_without_random:.2f}."
+        """One line an analyst reads: "Without these 3 events the score falls from 0.94 to
+        0.21; without 3 random events it stays at 0.91." (core.narrate words it)."""
+        from core.narrate import CounterfactualFact, counterfactual_sentence
+
+        return counterfactual_sentence(
+            CounterfactualFact(
+                self.k, self.score_before, self.score_without_top, self.score_without_random
+            )
         )
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from tqdm import tqdm
 
@@ -361,8 +362,19 @@ def score_users(
                     "surprisal": scores.surprisal.astype(np.float64),
                 }
             )
+            embeddings = None
+            if start is None and end is None:  # only a full history describes the user
+                emb = np.ascontiguousarray(scores.embedding, dtype=np.float32)
+                embeddings = pa.table(
+                    {
+                        "user_id": pa.array(frame["user_id"].to_numpy(), pa.string()),
+                        "embedding": pa.FixedSizeListArray.from_arrays(
+                            pa.array(emb.ravel()), emb.shape[1]
+                        ),
+                    }
+                )
             with store.using(db) as con:
-                write_scores(con, loaded.model_id, frame, event_frame, start, end)
+                write_scores(con, loaded.model_id, frame, event_frame, start, end, embeddings)
     if not results:
         return pd.DataFrame(
             columns=[
@@ -387,8 +399,10 @@ def write_scores(
     events_frame: pd.DataFrame,
     start: datetime | None,
     end: datetime | None,
+    embeddings: pa.Table | None = None,
 ) -> None:
-    """Replace this model's scores for these users and range, in one transaction."""
+    """Replace this model's scores (and, given, the users' embeddings) for these users and
+    range, in one transaction."""
     now = datetime.now(UTC).replace(tzinfo=None)
     con.execute("BEGIN TRANSACTION")
     try:
@@ -417,6 +431,18 @@ def write_scores(
             "score_supervised, score, ? FROM _new_user_scores",
             [start, end, model_id, now],
         )
+        if embeddings is not None:
+            con.register("_new_embeddings", embeddings)
+            con.execute(
+                "DELETE FROM user_embeddings WHERE model_id = ? "
+                "AND user_id IN (SELECT user_id FROM _new_embeddings)",
+                [model_id],
+            )
+            con.execute(
+                "INSERT INTO user_embeddings (model_id, user_id, embedding) "
+                "SELECT ?, user_id, embedding::FLOAT[] FROM _new_embeddings",
+                [model_id],
+            )
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -424,3 +450,5 @@ def write_scores(
     finally:
         con.unregister("_new_event_scores")
         con.unregister("_new_user_scores")
+        if embeddings is not None:
+            con.unregister("_new_embeddings")

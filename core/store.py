@@ -105,6 +105,22 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 event_id BIGINT, user_id VARCHAR, typology VARCHAR)""",
         ),
     ),
+    (
+        2,
+        (
+            # The model's pooled sequence embedding of each user's full history (for "similar
+            # past cases"); written by batch scoring next to sequence_scores.
+            """CREATE TABLE IF NOT EXISTS user_embeddings (
+                model_id VARCHAR, user_id VARCHAR, embedding FLOAT[])""",
+            # What an analyst was shown as the reason for a score: the top attributed events
+            # and the written summary (case exports carry them).
+            """CREATE TABLE IF NOT EXISTS explanations (
+                model_id VARCHAR, user_id VARCHAR, window_start TIMESTAMP,
+                window_end TIMESTAMP, created_at TIMESTAMP, top_events VARCHAR,
+                counterfactual VARCHAR, summary VARCHAR, summary_backend VARCHAR,
+                grounded BOOLEAN, settings JSON)""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -12,6 +12,7 @@ import streamlit as st
 from core import alerts, cases, charts, graphs, investigate, store
 from core.investigate import UserView
 from core.scoring import LoadedModel
+from pages import _explain_panel as explain_panel
 from pages._shared import context, loaded_model, require_database
 
 state = st.session_state
@@ -85,6 +86,15 @@ def timeline_figure(ask: Ask, threshold: float) -> go.Figure:
         threshold_label=f"rarer than {threshold:.0%} of events",
     )
     return fig.update_layout(uirevision=ask.user)
+
+
+def attribution_timeline(ask: Ask, attribution: pd.DataFrame | None) -> go.Figure:
+    """The explained events over time, coloured by their attribution (red raises the score)."""
+    view, _ = user_view(ask)
+    assert view is not None and attribution is not None
+    events = view.timeline.events.merge(attribution, on="event_id", how="inner")
+    fig = charts.score_timeline(events, color_by="attribution", threshold_label="")
+    return fig.update_layout(uirevision=f"attr-{ask.user}")
 
 
 @st.cache_data(ttl=600, max_entries=16, show_spinner=False)
@@ -229,12 +239,20 @@ st.caption(
     + (f" {hidden} more linked users not drawn." if hidden else "")
 )
 
-with st.container(border=True, key="inv_attributions"):
-    st.subheader("Attributions")
-    st.caption("Which events and fields drive the score — coming with the explanation engine.")
-with st.container(border=True, key="inv_summary"):
-    st.subheader("Summary")
-    st.caption("A written account of why this user looks the way they do — coming next.")
+if not events.empty:
+    explain_panel.render(
+        db_path=ctx.db_path,
+        model_id=ctx.model_id,
+        model_path=ctx.model_path,
+        user=user,
+        start=ctx.start,
+        end=ctx.end,
+        threshold=ctx.threshold,
+        version=version,
+        events=events,
+        timeline=lambda attribution: attribution_timeline(ask, attribution),
+        open_user=open_user,
+    )
 
 with st.expander(f"Raw events ({len(events):,})"):
     st.dataframe(events, hide_index=True)

@@ -67,8 +67,10 @@ def test_deep_link_opens_that_user(open_page, demo_env) -> None:
     assert metric(at, "Label") == "—"
     assert any("scored events" in c.value for c in at.caption)
     assert [s.value for s in at.subheader][:2] == ["Score timeline", f"Sessions ({_n(at)})"]
-    assert at.get("plotly_chart")  # timeline, session graph, entity graph
-    assert len(at.get("plotly_chart")) == 3
+    # timeline, session graph, entity graph, attribution by field
+    keys = [c.key for c in at.get("plotly_chart")]
+    assert keys[:3] == ["inv_timeline", "inv_session_graph", f"inv_entities_{user}"]
+    assert keys[3:] == ["inv_fields"]
     # Warm: a second run comes from the caches.
     started = time.perf_counter()
     at.run()
@@ -146,7 +148,8 @@ def test_one_event_user_works_and_is_scored_on_demand(open_page, demo_db_copy) -
     at = open_page(demo_db_copy.db_path, "solo")
     assert metric(at, "Events in range") == "1"
     assert metric(at, "Score") != "—"
-    assert len(at.get("plotly_chart")) == 3
+    assert len(at.get("plotly_chart")) == 4  # timeline, session, entities, attribution by field
+    assert any("Too few events to test" in m.value for m in at.markdown)
     # Nobody ran `fraudlens score` for the new user: the app scored it on demand and stored it.
     with store.open_db(demo_db_copy.db_path) as con:
         stored = con.execute(
@@ -167,3 +170,34 @@ def test_a_model_that_does_not_load_falls_back_to_stored_scores(open_page, demo_
     at = open_page(demo_db_copy.db_path, "solo")
     assert any("Could not score solo" in w.value for w in at.warning)
     assert metric(at, "Events in range") == "1" and metric(at, "Score") == "—"
+
+
+def test_why_panels_show_attributions_similar_cases_and_a_grounded_summary(
+    open_page, demo_db_copy
+) -> None:
+    user = top_user(demo_db_copy.db_path, demo_db_copy.model_id)
+    at = open_page(demo_db_copy.db_path, user)
+    markdown = " ".join(m.value for m in at.markdown)
+    assert "Without these 5 events the score" in markdown
+    assert any("Integrated gradients (32 steps)" in c.value for c in at.caption)
+    assert any("Written by **template**" in c.value for c in at.caption)
+    similar_table = next(d for d in at.dataframe if "similarity" in d.value.columns)
+    assert len(similar_table.value) == 8 and user not in set(similar_table.value["user_id"])
+    at.toggle(key=f"inv_attr_tl_{user}").set_value(True).run()
+    assert not at.exception
+    # What the analyst saw is kept, and a case export carries it.
+    with store.open_db(demo_db_copy.db_path) as con:
+        row = con.execute(
+            "SELECT top_events, summary, summary_backend, grounded FROM explanations "
+            "WHERE user_id = ?",
+            [user],
+        ).fetchone()
+        assert row is not None and row[0] and row[1] and row[2] == "template" and row[3]
+        from core import cases
+
+        case_id = cases.open_case(con, "tester", [user], title="ring")
+        frame = cases.case_export_frame(
+            con, [case_id], model_id=demo_db_copy.model_id, threshold=0.5, analyst="tester"
+        )
+    assert frame.loc[0, "top_attributed_events"] == row[0]
+    assert frame.loc[0, "summary"] == row[1]

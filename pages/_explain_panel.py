@@ -1,0 +1,195 @@
+"""Investigate's "why" panels: attributions, the deletion check, similar cases, the summary.
+
+Kept apart from investigate_page.py so that page stays a layout; everything computed here is
+core (core.evidence, core.narrate, core.similar) behind Streamlit caches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from core import charts, evidence, similar, store
+from core.config import get_settings
+from core.narrate import Summary, SummaryCache, make_narrator, narrate
+from pages._shared import loaded_model
+
+
+@st.cache_data(ttl=600, max_entries=8, show_spinner=False)
+def population(db_path: str, start: datetime | None, end: datetime | None) -> pd.DataFrame:
+    with store.open_db(db_path) as con:
+        return evidence.population_statistics(con, start, end)
+
+
+@st.cache_data(ttl=300, max_entries=32, show_spinner=False)
+def explanation(
+    db_path: str,
+    model_path: str,
+    user: str,
+    start: datetime | None,
+    end: datetime | None,
+    threshold: float,
+    version: int,
+) -> evidence.Explanation | None:
+    loaded = loaded_model(model_path)
+    pop = population(db_path, start, end)
+    with store.open_db(db_path) as con:
+        return evidence.explain_user(
+            con, loaded, user, start, end, threshold=threshold, population=pop
+        )
+
+
+@st.cache_resource(show_spinner=False)
+def summary_cache() -> SummaryCache:
+    return SummaryCache(maxsize=256)
+
+
+def write_summary(db_path: str, found: evidence.Explanation, backend: str | None = None) -> Summary:
+    settings = get_settings()
+    if backend:
+        settings = type(settings)(**{**settings.__dict__, "llm_backend": backend})
+    try:
+        narrator = make_narrator(settings)
+    except ValueError as exc:
+        st.warning(f"Summary backend not usable ({exc}); using the template.")
+        narrator = make_narrator(type(settings)(**{**settings.__dict__, "llm_backend": "template"}))
+    summary = narrate(found.facts, narrator, cache=summary_cache())
+    return summary
+
+
+@st.cache_data(ttl=120, max_entries=32, show_spinner=False)
+def similar_cases(db_path: str, model_id: str, user: str, version: int) -> pd.DataFrame | None:
+    with store.open_db(db_path) as con:
+        if not similar.has_embeddings(con, model_id):
+            return None
+        return similar.similar_users(con, model_id, user, k=8)
+
+
+def render(
+    *,
+    db_path: str,
+    model_id: str | None,
+    model_path: str | None,
+    user: str,
+    start: datetime | None,
+    end: datetime | None,
+    threshold: float,
+    version: int,
+    events: pd.DataFrame,
+    timeline: Callable[[pd.DataFrame | None], go.Figure],
+    open_user: Callable[[str], None],
+) -> None:
+    """Draw the panels. ``timeline(attribution)`` redraws the score timeline coloured by
+    attribution (None: by event type)."""
+    if not model_path or not model_id:
+        st.info("Attributions need a model: train one on the Data & model page.")
+        return
+    with st.spinner("Attributing the score to events…"):
+        try:
+            found = explanation(db_path, model_path, user, start, end, threshold, version)
+        except Exception as exc:  # a model that cannot explain must not take the page down
+            st.error(f"Could not explain {user}: {exc}")
+            return
+    if found is None:
+        st.info("No events in this range to explain.")
+        return
+    att = found.attribution
+
+    with st.container(border=True, key="inv_attributions"):
+        st.subheader("Why this score")
+        st.markdown(f"**{found.counterfactual.sentence()}**")
+        window = (
+            f"the {att.n_events} events of the highest-scoring window of {att.n_events_total:,}"
+            if att.n_events < att.n_events_total
+            else f"all {att.n_events:,} events"
+        )
+        st.caption(
+            f"Integrated gradients ({att.settings.n_steps} steps) of the "
+            f"{'supervised fraud logit' if att.target == 'supervised' else 'typicality score'} "
+            f"over {window}, against a neutral event; convergence delta {att.delta:.3g}."
+        )
+        colour = st.toggle("Colour the timeline by attribution", key=f"inv_attr_tl_{user}")
+        if colour:
+            st.plotly_chart(timeline(found.timeline_attribution), key="inv_attr_timeline")
+        left, right = st.columns([2, 3])
+        left.plotly_chart(charts.field_attribution_bar(att.field_totals()), key="inv_fields")
+        table = found.top_events.loc[
+            :,
+            [
+                c
+                for c in ("ts", "event_type", "share", "top_field", "category", "price")
+                + ("device_id", "ip", "country", "event_id")
+                if c in found.top_events.columns
+            ],
+        ]
+        right.dataframe(
+            table,
+            hide_index=True,
+            height=300,
+            column_config={
+                "share": st.column_config.ProgressColumn(
+                    "share", format="percent", min_value=0.0, max_value=1.0
+                ),
+                "ts": st.column_config.DatetimeColumn("time", format="YYYY-MM-DD HH:mm"),
+            },
+        )
+
+    with st.container(border=True, key="inv_similar"):
+        st.subheader("Similar past cases")
+        near = similar_cases(db_path, model_id, user, version)
+        if near is None:
+            st.caption("Similar cases need user embeddings: rescore with this model.")
+        elif near.empty:
+            st.caption("No similar users.")
+        else:
+            picked = st.dataframe(
+                near,
+                hide_index=True,
+                key=f"inv_similar_{user}",
+                on_select="rerun",
+                selection_mode="single-row",
+                column_config={
+                    "similarity": st.column_config.NumberColumn(format="%.3f"),
+                    "score": st.column_config.NumberColumn(format="%.2f"),
+                },
+            )
+            rows = picked.selection.rows if picked else []
+            if rows:
+                open_user(str(near["user_id"].iloc[rows[0]]))
+                st.rerun()
+            st.caption("Users whose behaviour the model encodes most alike; select one to open it.")
+
+    with st.container(border=True, key="inv_summary"):
+        st.subheader("Summary")
+        summary = write_summary(db_path, found)
+        if summary.flagged:
+            st.warning(
+                f"Written by {summary.backend} — NOT GROUNDED: "
+                + "; ".join(summary.grounding.problems[:5])
+            )
+            left, right = st.columns(2)
+            left.markdown("**Model text (unverified)**")
+            left.write(summary.text)
+            right.markdown("**Template summary (grounded)**")
+            right.write(summary.fallback_text or "")
+        else:
+            if summary.message:
+                st.info(summary.message)
+            st.write(summary.text)
+            st.caption(
+                f"Written by **{summary.backend}** · grounded: every number, time, event and "
+                "entity it cites is in the evidence above."
+            )
+        # Keep what the analyst was shown (case exports carry it): once per view of a user.
+        kept = (model_id, user, start, end, summary.backend)
+        if st.session_state.get("_inv_kept") != kept:
+            try:
+                with store.open_db(db_path) as con:
+                    evidence.save_explanation(con, found, summary)
+                st.session_state["_inv_kept"] = kept
+            except store.StoreError as exc:
+                st.caption(f"Explanation not kept for exports ({exc}).")

@@ -1,0 +1,622 @@
+"""core.narrate: the grounding check against hand-written hallucinations and paraphrases, the
+template on random facts, and the two LLM backends end to end (a tiny random causal LM built
+here; a stub OpenAI-compatible HTTP server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core.config import Settings
+from core.narrate import (
+    CounterfactualFact,
+    EventFact,
+    Facts,
+    HFLocalNarrator,
+    LinkedEntity,
+    OpenAICompatibleNarrator,
+    PeerStat,
+    SummaryCache,
+    TemplateNarrator,
+    build_prompt,
+    build_prompt_text,
+    check_grounding,
+    counterfactual_sentence,
+    make_narrator,
+    narrate,
+)
+from core.schema import DEMO_EVENT_TYPES
+
+
+def make_facts(**changes: Any) -> Facts:
+    facts = Facts(
+        user_id="u0042",
+        model_id="tiny-20241122-101500-123456",
+        start=datetime(2024, 3, 1),
+        end=datetime(2024, 3, 20, 23, 59),
+        n_events=212,
+        score=0.9372,
+        percentile=0.993,
+        threshold=0.8,
+        top_events=(
+            EventFact(
+                9001,
+                datetime(2024, 3, 5, 14, 22, 5),
+                "purchase",
+                0.41,
+                {
+                    "category": "electronics",
+                    "price": "1299.00",
+                    "device_id": "d0012",
+                    "ip": "10.1.2.3",
+                    "country": "DE",
+                    "card_id": "card_9f3a0b12",
+                },
+                "price",
+            ),
+            EventFact(
+                9000,
+                datetime(2024, 3, 5, 14, 20),
+                "login",
+                0.22,
+                {"device_id": "d0012", "ip": "10.1.2.3", "country": "DE"},
+                "new device",
+            ),
+            EventFact(
+                9002,
+                datetime(2024, 3, 5, 14, 23, 40),
+                "payment_failed",
+                0.09,
+                {"card_id": "card_77aa0001"},
+                "time gap",
+            ),
+        ),
+        counterfactual=CounterfactualFact(3, 0.9372, 0.21, 0.91),
+        linked=(
+            LinkedEntity(
+                "device_id",
+                "d0012",
+                ("u0007", "u0019", "u0033"),
+                {"u0007": "fraud", "u0019": "legit"},
+            ),
+        ),
+        peer_stats=(
+            PeerStat("events per active day", 41.333, 4.2, 12.0),
+            PeerStat("distinct devices", 7, 1, 2),
+            PeerStat("purchase share", 0.1, 0.2, 0.5),
+        ),
+    )
+    return replace(facts, **changes)
+
+
+FACTS = make_facts()
+
+
+# -- facts --------------------------------------------------------------------------------------
+
+
+def test_facts_round_trip_through_json() -> None:
+    data = json.loads(json.dumps(FACTS.to_dict()))
+    assert data["top_events"][0]["ts"] == "2024-03-05T14:22:05"
+    assert Facts.from_dict(data) == FACTS
+    assert FACTS.above_threshold
+    assert not make_facts(score=0.5).above_threshold
+
+
+def test_prompt_carries_the_facts_and_the_rules() -> None:
+    messages = build_prompt(FACTS)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert "4 to 6 sentences" in messages[0]["content"]
+    user = messages[1]["content"]
+    for token in ("u0042", "0.94", "1299.00", "d0012", "u0007 (fraud)", "2024-03-05 14:22:05"):
+        assert token in user
+    text = build_prompt_text(FACTS)
+    assert messages[0]["content"] in text and text.endswith("Summary:")
+
+
+# -- grounding check ----------------------------------------------------------------------------
+
+HALLUCINATIONS = {
+    "wrong amount": ("The purchase of 1,499.00 drove the score.", "1,499.00"),
+    "wrong amount, no decimals": ("A purchase of $1350 stands out.", "1350"),
+    "invented device": ("The login came from device d0099, new to the account.", "d0099"),
+    "invented device, other shape": ("The login came from dev-123.", "dev-123"),
+    "invented card": ("It was paid with card_deadbeef.", "card_deadbeef"),
+    "invented ip": ("The IP 10.1.2.4 is shared with u0007.", "10.1.2.4"),
+    "wrong time": ("The purchase at 14:27 weighs most.", "14:27"),
+    "wrong time, 12-hour": ("The purchase at 3:22 pm weighs most.", "3:22 pm"),
+    "wrong timestamp": ("On 2024-03-05 15:22 the user bought electronics.", "2024-03-05 15:22"),
+    "wrong date": ("On March 7 the user bought electronics.", "March 7"),
+    "wrong weekday": ("On Sunday the user bought electronics.", "Sunday"),
+    "invented user": ("Device d0012 is also used by u0999, labelled fraud.", "u0999"),
+    "wrong percentile": ("The user scores above 97% of users.", "97%"),
+    "wrong percentile, ordinal": ("The user sits at the 90th percentile.", "90"),
+    "wrong score": ("The score is 0.87.", "0.87"),
+    "wrong counterfactual": ("Without them the score falls to 0.45.", "0.45"),
+    "invented count": ("The user logged in 17 times that day.", "17"),
+    "invented gap": ("The failed payment came 80 seconds after the purchase.", "80"),
+    "invented spelled count": ("There were eleven logins.", "eleven"),
+    "invented event id": ("Event 9005 carried the most weight.", "Event 9005"),
+    "invented event type": ("A refund_request followed the purchase.", "refund_request"),
+    "event type not in the facts": ("Several coupon redeem events came first.", "coupon redeem"),
+    "event type word in event context": ("A review event preceded it.", "review"),
+}
+
+
+@pytest.mark.parametrize("name", list(HALLUCINATIONS))
+def test_each_hallucination_is_caught_and_named(name: str) -> None:
+    text, token = HALLUCINATIONS[name]
+    report = check_grounding(text, FACTS)
+    assert not report.grounded
+    assert any(token in problem for problem in report.problems), report.problems
+
+
+PARAPHRASES = [
+    "u0042 scores 0.94 against a threshold of 0.8, above 99.3% of users. The purchase at 14:22 "
+    "on March 5 (price 1,299.00, about 41% of the attribution) and the login from new device "
+    "d0012 weigh most.",
+    "Removing the top 3 events drops the score from 0.94 to 0.21, while removing three random "
+    "events leaves it at 0.91, a drop of 0.73 against almost none. Device d0012 is shared with "
+    "u0007 (fraud), u0019 (legit) and u0033.",
+    "The account averages 41.3 events per active day against a median of 4.2 and a 95th "
+    "percentile of 12; it used 7 distinct devices where the median user uses 1.",
+    "Over 212 events between 2024-03-01 and 2024-03-20, the payment_failed event at 2:23 pm "
+    "and the purchase of $1299 stand out. The case needs review: check IP 10.1.2.3 and "
+    "card card_9f3a0b12.",
+    "Event 9001, a purchase on Tuesday 5 March 2024 at 14:22:05, is the top event (9% for the "
+    "failed payment). Its purchase share is 0.1 (median 0.2), so purchases are not unusual.",
+    "The score is 94%, in the 99th percentile; the model tiny-20241122-101500-123456 flags it.",
+    "It sits in the top 1% of users; the login came two minutes before the purchase.",
+]
+
+
+@pytest.mark.parametrize("text", PARAPHRASES)
+def test_faithful_paraphrases_pass(text: str) -> None:
+    report = check_grounding(text, FACTS)
+    assert report.grounded, report.problems
+    assert report.cited  # it did look at the tokens
+
+
+def test_rounding_is_tolerated_but_not_stretched() -> None:
+    assert check_grounding("Scores 0.9372, 0.94, 0.9 and 94%.", FACTS).grounded
+    # No value among these facts rounds to 1 ("1" for a percentile of 0.993 would be fair).
+    facts = make_facts(peer_stats=(), linked=(), percentile=None)
+    assert check_grounding("The score is 0.94.", facts).grounded
+    report = check_grounding("The score is 1.", facts)
+    assert not report.grounded and "'1'" in report.problems[0]
+
+
+def test_vocabulary_of_the_data_is_used_for_event_types() -> None:
+    text = "A chargeback followed the purchase."
+    assert check_grounding(text, FACTS).grounded  # not a demo event type: unknown word
+    facts = make_facts(vocabulary=("purchase", "chargeback"))
+    report = check_grounding(text, facts)
+    assert not report.grounded and "chargeback" in report.problems[0]
+
+
+# -- template -----------------------------------------------------------------------------------
+
+
+def test_counterfactual_sentence_shape() -> None:
+    assert counterfactual_sentence(CounterfactualFact(3, 0.94, 0.21, 0.91)) == (
+        "Without these 3 events the score falls from 0.94 to 0.21; "
+        "without 3 random events it stays at 0.91."
+    )
+    assert counterfactual_sentence(CounterfactualFact(5, 0.94, 0.21, 0.60)).endswith(
+        "without 5 random events it falls to 0.60."
+    )
+    assert counterfactual_sentence(CounterfactualFact(1, 0.5, 0.6, 0.7)) == (
+        "Without these 1 event the score rises from 0.50 to 0.60; "
+        "without 1 random event it rises to 0.70."
+    )
+
+
+def test_template_says_what_an_analyst_needs() -> None:
+    text = TemplateNarrator().generate(FACTS)
+    assert text.startswith("User u0042 scores 0.94, above the alert threshold of 0.80")
+    assert "higher than 99% of users" in text
+    assert "2024-03-05 14:22 purchase (41%, driven by price 1299.00)" in text
+    assert "login (22%, driven by new device d0012)" in text
+    assert counterfactual_sentence(FACTS.counterfactual) in text
+    assert "u0007 (fraud), u0019 (legit), u0033 (unlabelled)" in text
+    assert "events per active day is 41.33 (median 4.20, 95th percentile 12)" in text
+    assert "purchase share" not in text  # within range: not worth a sentence
+    assert check_grounding(text, FACTS).grounded
+
+
+ids = st.integers(0, 99_999)
+times = st.datetimes(datetime(2015, 1, 1), datetime(2035, 1, 1)).map(
+    lambda t: t.replace(microsecond=0)
+)
+unit = st.floats(0, 1, allow_nan=False)
+amount = st.floats(0, 1e6, allow_nan=False)
+FIELD_LABELS = ["event type", "category", "price", "time gap", "hour of day", "new device"]
+FIELD_LABELS += ["new IP", "new country", "new card", ""]
+
+
+@st.composite
+def event_fields(draw: st.DrawFn) -> dict[str, str]:
+    every = {
+        "category": draw(st.sampled_from(["electronics", "gift cards", "toys", "fashion"])),
+        "price": f"{draw(amount):.2f}",
+        "device_id": f"d{draw(ids):04d}",
+        "ip": ".".join(str(draw(st.integers(1, 254))) for _ in range(4)),
+        "country": draw(st.sampled_from(["DE", "US", "IN", "GB", "FR"])),
+        "card_id": f"card_{draw(st.integers(0, 2**32 - 1)):08x}",
+        "session_id": f"s{draw(ids):08d}",
+    }
+    keep = draw(st.lists(st.sampled_from(sorted(every)), unique=True))
+    return {k: every[k] for k in keep}
+
+
+@st.composite
+def random_facts(draw: st.DrawFn) -> Facts:
+    top = tuple(
+        EventFact(
+            draw(st.integers(0, 10**9)),
+            draw(times),
+            draw(st.sampled_from(DEMO_EVENT_TYPES)),
+            draw(unit),
+            draw(event_fields()),
+            draw(st.sampled_from(FIELD_LABELS)),
+        )
+        for _ in range(draw(st.integers(0, 6)))
+    )
+    linked = []
+    for _ in range(draw(st.integers(0, 3))):
+        users = tuple(draw(st.lists(ids, min_size=1, max_size=7, unique=True)))
+        names = tuple(f"u{u:05d}" for u in users)
+        labelled = draw(st.lists(st.sampled_from(names), unique=True))
+        kind = draw(st.sampled_from(["device_id", "ip", "card_id"]))
+        value = {"device_id": f"d{draw(ids):04d}", "ip": f"10.0.{draw(ids) % 250}.7"}.get(
+            kind, f"card_{draw(ids):08x}"
+        )
+        labels = {u: draw(st.sampled_from(["fraud", "legit", "unsure"])) for u in labelled}
+        linked.append(LinkedEntity(kind, value, names, labels))
+    peers = tuple(
+        PeerStat(name, draw(amount), draw(amount), draw(amount))
+        for name in draw(
+            st.lists(
+                st.sampled_from(["events per active day", "purchase share", "distinct devices"]),
+                unique=True,
+            )
+        )
+    )
+    start = draw(st.none() | times)
+    cf = draw(st.none() | st.builds(CounterfactualFact, st.integers(1, 10), unit, unit, unit))
+    return Facts(
+        user_id=f"u{draw(ids):05d}",
+        model_id=f"tiny-{draw(ids)}",
+        start=start,
+        end=None if start is None else draw(times.filter(lambda t: t >= start)),
+        n_events=draw(st.integers(0, 2_000_000)),
+        score=draw(unit),
+        percentile=draw(st.none() | unit),
+        threshold=draw(unit),
+        top_events=top,
+        counterfactual=cf,
+        linked=tuple(linked),
+        peer_stats=peers,
+    )
+
+
+INVENTIONS = [
+    "It also used device d99999999.",
+    "The IP 203.0.113.99 appears too.",
+    "The amount was 123456.789.",
+    "A refund_request came last.",
+    "It is shared with u99999999.",
+]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(facts=random_facts(), invention=st.sampled_from(INVENTIONS))
+def test_template_is_grounded_on_random_facts_and_an_invention_is_not(
+    facts: Facts, invention: str
+) -> None:
+    text = TemplateNarrator().generate(facts)
+    report = check_grounding(text, facts)
+    assert report.grounded, (text, report.problems)
+    assert Facts.from_dict(json.loads(json.dumps(facts.to_dict()))) == facts
+    assert not check_grounding(f"{text} {invention}", facts).grounded
+
+
+# -- narrate, cache, settings -------------------------------------------------------------------
+
+
+class FixedNarrator:
+    def __init__(self, name: str, answer: str | Exception) -> None:
+        self.name = name
+        self.answer = answer
+        self.calls = 0
+
+    def generate(self, facts: Facts) -> str:
+        self.calls += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_grounded_backend_text_is_shown_as_is_and_cached() -> None:
+    narrator = FixedNarrator("openai-compatible", PARAPHRASES[0])
+    cache = SummaryCache(maxsize=2)
+    summary = narrate(FACTS, narrator, cache=cache)
+    assert (summary.text, summary.backend, summary.flagged) == (
+        PARAPHRASES[0],
+        narrator.name,
+        False,
+    )
+    assert summary.fallback_text is None and summary.message is None
+    assert narrate(FACTS, narrator, cache=cache) is summary
+    assert narrator.calls == 1
+    # Another user, another range, another backend: separate entries; the oldest is evicted.
+    narrate(make_facts(user_id="u0007"), narrator, cache=cache)
+    narrate(make_facts(end=datetime(2024, 3, 10)), narrator, cache=cache)
+    assert len(cache) == 2 and narrator.calls == 3
+    narrate(FACTS, narrator, cache=cache)
+    assert narrator.calls == 4
+
+
+def test_ungrounded_text_is_flagged_with_the_template_beside_it() -> None:
+    text = "u0042 scores 0.97 after a purchase at 14:25 on device d0099."
+    summary = narrate(FACTS, FixedNarrator("hf-local", text))
+    assert summary.flagged and summary.text == text and summary.backend == "hf-local"
+    assert summary.fallback_text == TemplateNarrator().generate(FACTS)
+    assert summary.message == (
+        "The local model cited 3 values not in the evidence; "
+        "the template summary is shown beside it."
+    )
+    assert summary.to_dict()["flagged"] is True
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (TimeoutError("timed out after 20 s"), "x timed out after 20 s; showing the template"),
+        (RuntimeError("boom"), "x failed (boom); showing the template summary."),
+        (None, "x failed (returned an empty summary); showing the template summary."),
+    ],
+)
+def test_backend_failure_falls_back_to_the_template_uncached(
+    error: Exception | None, message: str
+) -> None:
+    narrator = FixedNarrator("x", error if error is not None else "  ")
+    cache = SummaryCache()
+    summary = narrate(FACTS, narrator, cache=cache)
+    template = TemplateNarrator().generate(FACTS)
+    assert summary.text == template == summary.fallback_text
+    assert summary.backend == "template" and summary.requested_backend == "x"
+    assert not summary.flagged and summary.message and summary.message.startswith(message)
+    narrate(FACTS, narrator, cache=cache)
+    assert narrator.calls == 2 and len(cache) == 0
+
+
+def test_summary_cache_is_thread_safe() -> None:
+    cache = SummaryCache(maxsize=50)
+    template = TemplateNarrator()
+
+    def work(i: int) -> None:
+        for j in range(40):
+            narrate(make_facts(user_id=f"u{(i * 40 + j) % 80:04d}"), template, cache=cache)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(cache) == 50
+
+
+def test_settings_reach_the_narrator(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert isinstance(make_narrator(Settings()), TemplateNarrator)
+    monkeypatch.setenv("FRAUDLENS_LLM_BACKEND", "openai-compatible")
+    monkeypatch.setenv("FRAUDLENS_LLM_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("FRAUDLENS_LLM_MODEL", "qwen")
+    monkeypatch.setenv("FRAUDLENS_LLM_API_KEY", "sk-secret-123")
+    monkeypatch.setenv("FRAUDLENS_LLM_TIMEOUT", "2.5")
+    settings_ = Settings()
+    narrator = make_narrator(settings_)
+    assert isinstance(narrator, OpenAICompatibleNarrator)
+    assert (narrator.base_url, narrator.model, narrator.api_key, narrator.timeout) == (
+        "http://127.0.0.1:9/v1",
+        "qwen",
+        "sk-secret-123",
+        2.5,
+    )
+    assert "sk-secret" not in repr(settings_) and "sk-secret" not in repr(narrator)
+    monkeypatch.setenv("FRAUDLENS_LLM_BACKEND", "hf-local")
+    monkeypatch.setenv("FRAUDLENS_LLM_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("FRAUDLENS_DEVICE", "cpu")
+    hf = make_narrator(Settings())
+    assert isinstance(hf, HFLocalNarrator) and (Path(hf.model_dir), hf.device) == (tmp_path, "cpu")
+    monkeypatch.setenv("FRAUDLENS_LLM_BACKEND", "gpt-magic")
+    with pytest.raises(ValueError, match="unknown LLM backend 'gpt-magic'"):
+        make_narrator(Settings())
+    monkeypatch.setenv("FRAUDLENS_LLM_BACKEND", "openai-compatible")
+    monkeypatch.delenv("FRAUDLENS_LLM_BASE_URL")
+    with pytest.raises(ValueError, match="FRAUDLENS_LLM_BASE_URL"):
+        make_narrator(Settings())
+
+
+# -- openai-compatible against a stub server ----------------------------------------------------
+
+
+class StubServer:
+    """An OpenAI-compatible /chat/completions that answers what the test sets."""
+
+    def __init__(self) -> None:
+        self.answer = ""
+        self.delay = 0.0
+        self.status = 200
+        self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append((self.path, dict(self.headers), body))
+                time.sleep(stub.delay)
+                reply = {"choices": [{"message": {"role": "assistant", "content": stub.answer}}]}
+                data = json.dumps(reply).encode()
+                try:
+                    self.send_response(stub.status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def stub() -> Iterator[StubServer]:
+    server = StubServer()
+    yield server
+    server.close()
+
+
+def test_openai_compatible_good_answer_passes(stub: StubServer) -> None:
+    stub.answer = PARAPHRASES[1]
+    narrator = OpenAICompatibleNarrator(stub.url + "/", "local-model", api_key="sk-test-key")
+    summary = narrate(FACTS, narrator)
+    assert summary.backend == "openai-compatible" and not summary.flagged
+    assert summary.text == PARAPHRASES[1]
+    path, headers, body = stub.requests[0]
+    assert path == "/v1/chat/completions"
+    assert headers["Authorization"] == "Bearer sk-test-key"
+    assert body["model"] == "local-model" and body["temperature"] == 0
+    assert body["messages"] == build_prompt(FACTS)
+
+
+def test_openai_compatible_without_key_sends_no_authorization(stub: StubServer) -> None:
+    stub.answer = PARAPHRASES[0]
+    narrate(FACTS, OpenAICompatibleNarrator(stub.url, "m"))
+    assert "Authorization" not in stub.requests[0][1]
+
+
+def test_openai_compatible_hallucinated_number_is_flagged(stub: StubServer) -> None:
+    stub.answer = PARAPHRASES[1].replace("0.21", "0.12")
+    summary = narrate(FACTS, OpenAICompatibleNarrator(stub.url, "m"))
+    assert summary.flagged and summary.backend == "openai-compatible"
+    assert summary.grounding.problems == ["'0.12': number not in the facts"]
+    assert summary.fallback_text == TemplateNarrator().generate(FACTS)
+    assert summary.message and "cited 1 value not in the evidence" in summary.message
+
+
+def test_openai_compatible_timeout_and_http_error_fall_back(stub: StubServer) -> None:
+    stub.answer, stub.delay = PARAPHRASES[0], 1.0
+    started = time.perf_counter()
+    summary = narrate(FACTS, OpenAICompatibleNarrator(stub.url, "m", timeout=0.3))
+    assert time.perf_counter() - started < 0.9
+    assert summary.backend == "template" and summary.text == summary.fallback_text
+    assert summary.message == (
+        "openai-compatible timed out after 0.3 s; showing the template summary."
+    )
+    stub.delay, stub.status = 0.0, 500
+    summary = narrate(FACTS, OpenAICompatibleNarrator(stub.url, "m", api_key="sk-hidden"))
+    assert summary.backend == "template" and summary.message
+    assert "HTTP 500" in summary.message and "sk-hidden" not in summary.message
+
+
+# -- hf-local with a tiny random causal LM ------------------------------------------------------
+
+# Every token of this vocabulary cites something the facts do not hold (an invented user,
+# device, IP, card or amount), and none is special: whatever the random model generates,
+# the text is non-empty and ungrounded.
+INVENTED = ["u99999", "d31337", "10.9.9.9", "card_deadbeef", "8888.88", "4444", "17:17"]
+
+
+def tiny_lm(path: Path, chat_template: str | None, n_positions: int) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(INVENTED)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="u99999"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # No unk_token here: it would be special, and decoding skips special tokens.
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(path)
+    config = GPT2Config(
+        vocab_size=len(vocab),
+        n_positions=n_positions,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+CHAT = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}<|assistant|>"
+
+
+def test_hf_local_runs_end_to_end_and_its_nonsense_is_caught(tmp_path: Path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    narrator = HFLocalNarrator(tiny_lm(tmp_path / "chat", CHAT, 1024), max_new_tokens=12)
+    prompt = narrator.prompt_for(FACTS)
+    assert prompt.startswith("<|system|> ") and prompt.endswith("<|assistant|>")
+    assert "u0042" in prompt
+
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(narrator.generate(FACTS)))]
+    threads.append(threading.Thread(target=lambda: results.append(narrator.generate(FACTS))))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    text = results[0]
+    assert results == [text, text]  # greedy: the same answer from both threads
+    tokens = text.split()
+    # Only the new tokens come back, not the prompt (hundreds of tokens).
+    assert 1 <= len(tokens) <= 12 and set(tokens) <= set(INVENTED)
+
+    summary = narrate(FACTS, narrator)
+    assert summary.backend == "hf-local" and summary.text == text
+    assert summary.flagged and summary.grounding.problems
+    assert summary.fallback_text == TemplateNarrator().generate(FACTS)
+    assert summary.message and summary.message.startswith("The local model cited")
+
+
+def test_hf_local_without_chat_template_uses_plain_prompt_and_truncates(tmp_path: Path) -> None:
+    narrator = HFLocalNarrator(tiny_lm(tmp_path / "plain", None, 64), max_new_tokens=8)
+    assert narrator.prompt_for(FACTS) == build_prompt_text(FACTS)
+    text = narrator.generate(FACTS)  # the prompt is far longer than 64 positions
+    assert 1 <= len(text.split()) <= 8
+
+
+def test_hf_local_missing_model_falls_back(tmp_path: Path) -> None:
+    summary = narrate(FACTS, HFLocalNarrator(tmp_path / "absent"))
+    assert summary.backend == "template" and summary.requested_backend == "hf-local"
+    assert summary.message and "could not load a causal LM" in summary.message
