@@ -123,11 +123,13 @@ class Attribution:
         )
 
     def method_settings(self) -> dict[str, object]:
+        settings = asdict(self.settings)
         return {
-            "method": "LayerIntegratedGradients",
+            "attribution": "LayerIntegratedGradients",
             "layers": [f"field_embeddings.{f}" for f in self.field_names],
             "baseline": "neutral event (every field absent)",
-            **asdict(self.settings),
+            "integration": settings.pop("method"),
+            **settings,
             "target": self.target,
             "convergence_delta": self.delta,
         }

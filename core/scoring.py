@@ -33,11 +33,9 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
 from tqdm import tqdm
 
 from core import store
-from core.model import BehaviorModel
 from core.sequences import (
     EncodedEvents,
     SequenceFeaturizer,
@@ -47,7 +45,13 @@ from core.sequences import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
+    from core.model import BehaviorModel
     from core.train import TrainConfig
+
+# torch and the model are imported where they are used: pages that only read stored scores
+# (Triage, Thresholds, Cases, and Investigate's timeline) start without paying for torch.
 
 DEFAULT_UNSUPERVISED_WEIGHT = 0.5
 EVIDENCE_CAP = 256
@@ -128,6 +132,7 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, *, device: str = "auto") -> LoadedModel:
+    from core.model import BehaviorModel
     from core.train import resolve_device
 
     path = Path(path)
@@ -176,6 +181,8 @@ def score_encoded(
 ) -> EncodedScores:
     """One forward pass per window (length-bucketed batches). Windows overlap; each event keeps
     the surprisal of its primary window, the one that gave it the most preceding context."""
+    import torch
+
     from core.train import autocast
 
     windows = make_windows(encoded, max_len=max_len)

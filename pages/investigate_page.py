@@ -12,7 +12,6 @@ import streamlit as st
 from core import alerts, cases, charts, graphs, investigate, store
 from core.investigate import UserView
 from core.scoring import LoadedModel
-from pages import _explain_panel as explain_panel
 from pages._shared import context, loaded_model, require_database
 
 state = st.session_state
@@ -240,6 +239,10 @@ st.caption(
 )
 
 if not events.empty:
+    # Imported here, after the timeline and graphs are on their way to the browser: the
+    # explanation engine pulls in torch and Captum, seconds on a cold start.
+    from pages import _explain_panel as explain_panel
+
     explain_panel.render(
         db_path=ctx.db_path,
         model_id=ctx.model_id,

@@ -1,0 +1,99 @@
+"""The facts an explanation may cite, gathered from the database and the model."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from core import cases, store
+from core.evidence import explain_user, population_statistics, save_explanation
+from core.narrate import TemplateNarrator, check_grounding, narrate
+from core.scoring import LoadedModel, load_model
+from tests.conftest import DemoEnv
+
+
+@pytest.fixture(scope="module")
+def loaded(demo_env: DemoEnv) -> LoadedModel:
+    return load_model(demo_env.models_dir / demo_env.model_id, device="cpu")
+
+
+def _user_sharing_a_device(con) -> tuple[str, str]:
+    row = con.execute(
+        "SELECT a.user_id, b.user_id FROM (SELECT DISTINCT user_id, device_id FROM events) a "
+        "JOIN (SELECT DISTINCT user_id, device_id FROM events) b USING (device_id) "
+        "WHERE a.user_id < b.user_id ORDER BY 1, 2 LIMIT 1"
+    ).fetchone()
+    assert row is not None, "the demo world shares devices between users"
+    return str(row[0]), str(row[1])
+
+
+def test_facts_hold_what_the_page_and_summary_need(
+    demo_db_copy: DemoEnv, loaded: LoadedModel
+) -> None:
+    with store.open_db(demo_db_copy.db_path) as con:
+        user, other = _user_sharing_a_device(con)
+        cases.add_label(con, other, "fraud", "ana", "known ring")
+        found = explain_user(con, loaded, user, threshold=0.7)
+        assert found is not None
+        facts = found.facts
+        n_events = con.execute("SELECT count(*) FROM events WHERE user_id = ?", [user]).fetchone()
+        stored = con.execute(
+            "SELECT score FROM sequence_scores WHERE user_id = ? AND model_id = ?",
+            [user, loaded.model_id],
+        ).fetchone()
+    assert facts.user_id == user and facts.model_id == loaded.model_id
+    assert n_events is not None and facts.n_events == n_events[0]
+    assert stored is not None and facts.score == pytest.approx(stored[0], abs=1e-4)
+    assert facts.threshold == 0.7
+    assert 1 <= len(facts.top_events) <= 5
+    weights = [e.weight for e in facts.top_events]
+    assert weights == sorted(weights, reverse=True) and all(0 < w <= 1 for w in weights)
+    top_ids = set(found.top_events["event_id"])
+    assert {e.event_id for e in facts.top_events} <= top_ids
+    assert all(e.fields and e.top_field for e in facts.top_events)
+    assert facts.counterfactual is not None and facts.counterfactual.k == 5
+    linked_users = {u for entity in facts.linked for u in entity.users}
+    assert other in linked_users
+    assert any(entity.labels.get(other) == "fraud" for entity in facts.linked)
+    names = {p.name for p in facts.peer_stats}
+    assert {"events per active day", "distinct devices"} <= names
+    assert "login" in facts.vocabulary
+    # The template summary of these facts is grounded, and it names the linked fraud label.
+    summary = narrate(facts, TemplateNarrator())
+    assert not summary.flagged, summary.grounding.problems
+    assert check_grounding(summary.text, facts).grounded
+    assert other in summary.text
+
+
+def test_population_statistics_and_a_range_without_events(
+    demo_env: DemoEnv, loaded: LoadedModel
+) -> None:
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        stats = population_statistics(con)
+        assert (stats["p95"] >= stats["median"]).all()
+        user = con.execute("SELECT min(user_id) FROM events").fetchone()[0]  # type: ignore[index]
+        early = pd.Timestamp("1990-01-01").to_pydatetime()
+        assert explain_user(con, loaded, user, None, early, threshold=0.5) is None
+
+
+def test_kept_explanation_is_what_the_analyst_saw(
+    demo_db_copy: DemoEnv, loaded: LoadedModel
+) -> None:
+    with store.open_db(demo_db_copy.db_path) as con:
+        user = con.execute("SELECT min(user_id) FROM truth_events").fetchone()[0]  # type: ignore[index]
+        found = explain_user(con, loaded, user, threshold=0.5)
+        assert found is not None
+        summary = narrate(found.facts, TemplateNarrator())
+        save_explanation(con, found, summary)
+        row = con.execute(
+            "SELECT top_events, counterfactual, summary, summary_backend, grounded, settings "
+            "FROM explanations WHERE user_id = ?",
+            [user],
+        ).fetchone()
+    assert row is not None
+    top_events, sentence, text, backend, grounded, settings = row
+    first = found.top_events.iloc[0]
+    assert str(first["event_type"]) in top_events
+    assert sentence == found.counterfactual.sentence()
+    assert text == summary.text and backend == "template" and grounded
+    assert '"LayerIntegratedGradients"' in settings
