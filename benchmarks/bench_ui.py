@@ -42,7 +42,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from benchmarks._common import write_results  # noqa: E402
-from core import store  # noqa: E402
+from core import alerts, store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -224,12 +224,11 @@ def _ensure_alerts(db: Path, model_id: str, wanted: int) -> str:
     """Triage needs a queue to click: when the threshold in force (saved, else the app's
     default) leaves fewer than ``wanted`` alerts, save one on the COPY that alerts the top
     ``wanted`` users (a score percentile any analyst would pick). Returns what was done."""
-    from core import alerts
     from core.scoring import DEFAULT_UNSUPERVISED_WEIGHT
 
     with store.open_db(db) as con:
         saved = alerts.saved_setting(con, model_id)
-        threshold = saved.threshold if saved else 0.9  # pages/_shared.DEFAULT_THRESHOLD
+        threshold = saved.threshold if saved else alerts.DEFAULT_THRESHOLD
         scores = con.execute(
             "SELECT score FROM sequence_scores WHERE model_id = ? AND window_start IS NULL"
             " ORDER BY score DESC LIMIT ?",

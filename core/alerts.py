@@ -78,6 +78,9 @@ def _range_sql(column: str = "ts") -> str:
 
 _RANGE_SQL = _range_sql()
 
+# The alert threshold in use when none has been saved for the model (dashboard and CLI).
+DEFAULT_THRESHOLD = 0.9
+
 
 def active_scores(
     con: duckdb.DuckDBPyConnection,

@@ -388,9 +388,6 @@ def prepare(db: DbOption = None) -> None:
         score(db=path)
 
 
-# The alert threshold when none is saved for the model: the dashboard's default
-# (pages/_shared.DEFAULT_THRESHOLD, which core cannot import: pages import streamlit).
-DEFAULT_THRESHOLD = 0.9
 EXPLAIN_TARGETS = ("auto", "supervised", "unsupervised")
 
 
@@ -446,7 +443,7 @@ def explain(
             if not n_user or not n_user[0]:
                 raise _fail(f"no user {user!r} in {path}")
             saved = alerts.saved_setting(con, model_id)
-            threshold = saved.threshold if saved is not None else DEFAULT_THRESHOLD
+            threshold = saved.threshold if saved is not None else alerts.DEFAULT_THRESHOLD
             explanation = explain_user(
                 con,
                 loaded,  # type: ignore[arg-type]

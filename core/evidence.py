@@ -261,6 +261,7 @@ def explain_user(
             score_before=round(check.score_before, 4),
             score_without_top=round(check.score_without_top, 4),
             score_without_random=round(check.score_without_random, 4),
+            window_events=check.window_events,
         ),
         linked=linked,
         peer_stats=peers,

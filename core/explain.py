@@ -143,6 +143,7 @@ class Counterfactual:
     score_before: float
     score_without_top: float
     score_without_random: float  # mean over random draws of k events
+    window_events: int | None = None  # set when the window is not all of the user's events
 
     @property
     def drop_top(self) -> float:
@@ -159,7 +160,11 @@ class Counterfactual:
 
         return counterfactual_sentence(
             CounterfactualFact(
-                self.k, self.score_before, self.score_without_top, self.score_without_random
+                self.k,
+                self.score_before,
+                self.score_without_top,
+                self.score_without_random,
+                self.window_events,
             )
         )
 
@@ -387,6 +392,7 @@ def counterfactual(
         score_before=float(scores[0]),
         score_without_top=float(scores[1]),
         score_without_random=float(np.mean(scores[2:])) if draws else float(scores[0]),
+        window_events=int(n) if n < attribution.n_events_total else None,
     )
 
 

@@ -54,6 +54,8 @@ class CounterfactualFact:
     score_before: float  # displayed score 0..1
     score_without_top: float
     score_without_random: float
+    # Events in the explained window when it is not the whole range (long histories), else None.
+    window_events: int | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class Facts:
                 score_before=float(cf["score_before"]),
                 score_without_top=float(cf["score_without_top"]),
                 score_without_random=float(cf["score_without_random"]),
+                window_events=None if cf.get("window_events") is None else int(cf["window_events"]),
             ),
             linked=tuple(
                 LinkedEntity(
@@ -241,8 +244,10 @@ def counterfactual_sentence(cf: CounterfactualFact) -> str:
         "stays at" if abs(drop_random) < 0.05 else ("falls to" if drop_random > 0 else "rises to")
     )
     events = "event" if cf.k == 1 else "events"
+    # A long history is explained on one window: say that its score is the window's.
+    scope = f"On the explained window of {cf.window_events} events: w" if cf.window_events else "W"
     return (
-        f"Without these {cf.k} {events} the score {verb} from {cf.score_before:.2f} "
+        f"{scope}ithout these {cf.k} {events} the score {verb} from {cf.score_before:.2f} "
         f"to {cf.score_without_top:.2f}; without {cf.k} random {events} it "
         f"{random_verb} {cf.score_without_random:.2f}."
     )

@@ -121,6 +121,14 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 grounded BOOLEAN, settings JSON)""",
         ),
     ),
+    (
+        3,
+        (
+            # Batches appended to events as their own sorted run since the table was last
+            # rewritten as one sorted run (see store._MAX_RUNS); empty: events is one run.
+            "CREATE TABLE IF NOT EXISTS events_runs (batch_id BIGINT, appended_at TIMESTAMP)",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -636,8 +644,8 @@ _REJECT_SCANS = "__fl_reject_scans"
 _CHECKED = "__fl_checked"
 _SORTED = "__fl_events_sorted"
 _STAGE = "__fl_stage"
+_KEYS = "__fl_keys"
 _SESSIONS = "__fl_sessions"
-_NEW = "__fl_new"
 _DUPS = "__fl_dups"
 _ORDINAL = "__fl_ordinal"
 
@@ -664,7 +672,7 @@ def _duplicate_batch(con: duckdb.DuckDBPyConnection, checksum: str) -> int | Non
 def _drop_scratch(con: duckdb.DuckDBPyConnection) -> None:
     # Identifiers in f-string SQL in this module are the module's own scratch-table constants
     # (_STAGE, _CHECKED, ...), never data: every value from outside is a ? / $name parameter.
-    for table in (_STAGE, _CHECKED, _DUPS, _NEW, _SESSIONS, _REJECTS, _REJECT_SCANS):
+    for table in (_STAGE, _CHECKED, _DUPS, _KEYS, _SESSIONS, _REJECTS, _REJECT_SCANS):
         con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
@@ -705,7 +713,6 @@ def _run_batch(
         con.execute(sql, _used(sql, params))
         if "event_id" in plans:
             _mark_duplicate_ids(con, src, params)
-        con.execute(f"DROP TABLE IF EXISTS {_STAGE}")  # scratch goes as soon as used: memory
         _step_done("read")
         n_rows, n_ok = _one(
             con.execute(
@@ -724,7 +731,7 @@ def _run_batch(
         rows_read = int(n_rows) + n_broken
         if rows_read == 0:
             raise IngestError(f"{Path(src.name).name}: no rows")
-        _sort_and_sessionize(con, plans, event_map, params)
+        _sessionize(con, params)
         _step_done("sort")
 
         con.begin()
@@ -735,7 +742,18 @@ def _run_batch(
             if dup is not None:
                 con.rollback()
                 return _duplicate_report(src, dup, ignored, started)
-            report = _write_batch(con, src, plans, ignored, rows_read, int(n_ok), started)
+            new_rows = _new_rows_sql(src, plans, event_map, params)
+            report = _write_batch(
+                con,
+                src,
+                new_rows,
+                params,
+                "event_id" in plans,
+                ignored,
+                rows_read,
+                int(n_ok),
+                started,
+            )
             con.commit()
         except BaseException:
             con.rollback()
@@ -769,8 +787,10 @@ def _duplicate_report(src: _Source, dup: int, ignored: list[str], started: float
 
 
 def _checked_sql(src: _Source, plans: dict[str, _Plan]) -> str:
-    """One pass over the source: typed canonical values, the first reason a row is bad (NULL
-    when it is good) and, for bad rows only, the source row as JSON."""
+    """One pass over the source: the first reason a row is bad (NULL when it is good) and, for
+    bad rows only, the source row as JSON; of the typed values only the narrow ones the later
+    steps need (user_id, ts, event_id). The other columns are read again from the source by the
+    insert: materialising every typed column here cost more than computing it twice."""
     layer1 = ["__n"] + [f"__s{i}" for i in range(len(src.columns))]
     for name, plan in plans.items():
         layer1 += [f"{sql} AS {h}" for h, sql in plan.helpers.items()]
@@ -780,7 +800,11 @@ def _checked_sql(src: _Source, plans: dict[str, _Plan]) -> str:
     ]
     reason0 = "CASE " + " ".join(whens) + " END" if whens else "CAST(NULL AS VARCHAR)"
     raw = _raw_json(src)
-    values = ", ".join(f"v_{name}" for name in plans)
+    values = ", ".join(
+        f"CAST(v_{name} AS {schema.COLUMN_TYPES[name]}) AS v_{name}"
+        for name in _NARROW
+        if name in plans
+    )
     return f"""
         CREATE TEMP TABLE {_CHECKED} AS
         WITH s AS ({src.select_sql}),
@@ -789,6 +813,10 @@ def _checked_sql(src: _Source, plans: dict[str, _Plan]) -> str:
         SELECT __n, {values}, reason,
                CASE WHEN reason IS NOT NULL THEN CAST({raw} AS VARCHAR) END AS raw
         FROM l2"""  # noqa: S608
+
+
+# The typed columns _CHECKED keeps: the sort keys, and event_id for the duplicate check.
+_NARROW: tuple[str, ...] = ("user_id", "ts", "event_id")
 
 
 def _raw_json(src: _Source) -> str:
@@ -827,60 +855,82 @@ def _mark_duplicate_ids(
     con.execute(fix, _used(fix, params))
 
 
-def _sort_and_sessionize(
-    con: duckdb.DuckDBPyConnection,
+def _sessionize(con: duckdb.DuckDBPyConnection, params: dict[str, Any]) -> None:
+    """The valid rows' keys in table _SESSIONS: __n, user_id, ts, __start (the start of the
+    row's derived session, used where session_id is NULL) and __pos, the row's place in
+    (user_id, ts, __n) order.
+
+    All of it on the narrow keys: sorting them is cheap, and the insert then orders the full
+    rows by one integer instead of carrying every column through a second sort.
+    """
+    con.execute(
+        f"CREATE TEMP TABLE {_KEYS} AS SELECT __n, v_user_id AS user_id, v_ts AS ts"  # noqa: S608
+        f" FROM {_CHECKED} WHERE reason IS NULL ORDER BY user_id, ts, __n"
+    )
+    # A session starts at a user's first event and after every gap longer than the limit;
+    # its id is the user plus the session's start time, stable across re-runs and batches.
+    # The windows have an empty OVER (): DuckDB streams them in scan order (its streaming
+    # window is a fixed-order operator), and the scan order of _KEYS is (user_id, ts, __n).
+    sql = f"""CREATE TEMP TABLE {_SESSIONS} AS
+        WITH g AS (SELECT *, CASE WHEN user_id = lag(user_id) OVER ()
+                                   AND ts - lag(ts) OVER () <= to_minutes(CAST($gap AS BIGINT))
+                                  THEN NULL ELSE ts END AS __start FROM {_KEYS})
+        SELECT __n, user_id, ts,
+               last_value(__start IGNORE NULLS) OVER (ROWS UNBOUNDED PRECEDING) AS __start,
+               row_number() OVER () AS __pos
+        FROM g"""  # noqa: S608
+    con.execute(sql, _used(sql, params))
+    con.execute(f"DROP TABLE {_KEYS}")
+
+
+def _new_rows_sql(
+    src: _Source,
     plans: dict[str, _Plan],
     event_map: dict[str, str] | None,
     params: dict[str, Any],
-) -> None:
-    """Valid rows as event columns in table _SESSIONS, sorted by (user_id, ts, __n), with the
-    row ordinal __n (event_id is NULL where one is to be assigned) and __start, the start of
-    the row's derived session (used where session_id is NULL)."""
-    exprs: dict[str, str] = {}
-    for col in schema.EVENT_COLUMNS:
-        if col.name in plans:
-            exprs[col.name] = f"v_{col.name}"
-        else:
-            exprs[col.name] = "NULL"
+) -> str:
+    """SELECT of the batch's valid rows as `events` columns (with $base and $batch_id to
+    bind), exposing __pos for the caller's ORDER BY.
+
+    The source is read a second time for the columns _CHECKED did not keep; joining it with
+    _SESSIONS keeps exactly the valid rows and brings their keys and session starts.
+    """
+    values = [
+        f"{plan.value} AS v_{name}" for name, plan in plans.items() if name not in ("ts", "user_id")
+    ]
+    wide = f"SELECT __n{''.join(', ' + v for v in values)} FROM ({src.select_sql})"  # noqa: S608
+    exprs: dict[str, str] = {
+        name: f"w.v_{name}" for name in plans if name not in ("ts", "user_id", "batch_id")
+    }
+    exprs["ts"] = "k.ts"
+    exprs["user_id"] = "k.user_id"
+    exprs["event_id"] = (
+        "coalesce(w.v_event_id, $base + k.__n)" if "event_id" in plans else "$base + k.__n"
+    )
+    session = "k.user_id || ':' || strftime(k.__start, '%Y%m%dT%H%M%S')"
+    exprs["session_id"] = (
+        f"coalesce(w.v_session_id, {session})" if "session_id" in plans else session
+    )
+    exprs["batch_id"] = "$batch_id"
     if event_map:
         params["map_keys"] = list(event_map)
         params["map_vals"] = list(event_map.values())
         exprs["event_type"] = (
             "coalesce(map_extract_value(MAP($map_keys::VARCHAR[], $map_vals::VARCHAR[]),"
-            " v_event_type), v_event_type)"
+            " w.v_event_type), w.v_event_type)"
         )
-    select = ", ".join(f"CAST({exprs[c]} AS {t}) AS {c}" for c, t in schema.COLUMN_TYPES.items())
-    sql = (
-        f"CREATE TEMP TABLE {_NEW} AS SELECT {select}, __n FROM {_CHECKED}"  # noqa: S608
-        " WHERE reason IS NULL ORDER BY user_id, ts, __n"
+    cols = ", ".join(
+        f"CAST({exprs.get(c, 'NULL')} AS {t}) AS {c}" for c, t in schema.COLUMN_TYPES.items()
     )
-    con.execute(sql, _used(sql, params))
-    row = _one(con.execute(f"SELECT count(*) FILTER (WHERE session_id IS NULL) FROM {_NEW}"))  # noqa: S608
-    if not row or not row[0]:
-        con.execute(f"ALTER TABLE {_NEW} ADD COLUMN __start TIMESTAMP")
-        con.execute(f"ALTER TABLE {_NEW} RENAME TO {_SESSIONS}")
-        return
-    # A session starts at a user's first event and after every gap longer than the limit;
-    # its id is the user plus the session's start time, stable across re-runs and batches.
-    # The windows have an empty OVER (): DuckDB streams them in scan order (its streaming
-    # window is a fixed-order operator), and the scan order of _NEW is (user_id, ts, __n).
-    # Only the session start is computed here (one thread); the id string is built by the
-    # parallel insert.
-    sql = f"""CREATE TEMP TABLE {_SESSIONS} AS
-        WITH g AS (SELECT *, CASE WHEN user_id = lag(user_id) OVER ()
-                                   AND ts - lag(ts) OVER () <= to_minutes(CAST($gap AS BIGINT))
-                                  THEN NULL ELSE ts END AS __start FROM {_NEW})
-        SELECT * EXCLUDE (__start),
-               last_value(__start IGNORE NULLS) OVER (ROWS UNBOUNDED PRECEDING) AS __start
-        FROM g"""  # noqa: S608
-    con.execute(sql, _used(sql, params))
-    con.execute(f"DROP TABLE {_NEW}")
+    return f"SELECT {cols}, k.__pos FROM ({wide}) w JOIN {_SESSIONS} k USING (__n)"  # noqa: S608
 
 
 def _write_batch(
     con: duckdb.DuckDBPyConnection,
     src: _Source,
-    plans: dict[str, _Plan],
+    new_rows: str,
+    params: dict[str, Any],
+    given_ids: bool,
     ignored: list[str],
     rows_read: int,
     n_ok: int,
@@ -931,7 +981,7 @@ def _write_batch(
         ).fetchall()
     }
 
-    _insert_events(con, plans, batch_id)
+    _insert_events(con, new_rows, params, given_ids, batch_id)
     _step_done("events")
 
     seconds = time.perf_counter() - started
@@ -963,47 +1013,97 @@ def _write_batch(
     )
 
 
-def _insert_events(con: duckdb.DuckDBPyConnection, plans: dict[str, _Plan], batch_id: int) -> None:
-    """Append _SESSIONS to events with ids and batch set, keeping events sorted."""
-    if "event_id" in plans:
+# `events` is kept as a few sorted runs rather than one: a batch is appended as its own run,
+# sorted by (user_id, ts), so per-user lookups touch about one row group per run through the
+# zone maps. Rewriting the whole table per batch made an ingest cost as much as the table,
+# not the batch. The table is rewritten as one run (compacted) when it is small, when it would
+# otherwise hold more than _MAX_RUNS runs, and on compact().
+_MAX_RUNS = 8
+_COMPACT_BELOW_ROWS = 1_000_000  # rewriting this much costs about a second
+
+
+def _insert_events(
+    con: duckdb.DuckDBPyConnection,
+    new_rows: str,
+    params: dict[str, Any],
+    given_ids: bool,
+    batch_id: int,
+) -> None:
+    """Add the batch's valid rows to events (see _MAX_RUNS for the layout rule)."""
+    if given_ids:
         # _CHECKED compared ids with events before this transaction began.
         clash = _one(
             con.execute(
-                f"SELECT count(*) FROM {_SESSIONS} JOIN events USING (event_id)"  # noqa: S608
+                f"SELECT count(*) FROM {_CHECKED} c JOIN events e ON e.event_id = c.v_event_id"  # noqa: S608
+                " WHERE c.reason IS NULL"
             )
         )
         if clash and clash[0]:
             raise IngestError("events changed while this file was validated; ingest it again")
+    checked_max = (
+        f"(SELECT max(v_event_id) FROM {_CHECKED} WHERE reason IS NULL)"  # noqa: S608
+        if given_ids
+        else "NULL"
+    )
     row = _one(
         con.execute(
-            f"SELECT greatest((SELECT max(event_id) FROM events),"  # noqa: S608
-            f" (SELECT max(event_id) FROM {_SESSIONS}), 0)"
+            "SELECT greatest((SELECT max(event_id) FROM events),"  # noqa: S608
+            f" {checked_max}, 0), (SELECT count(*) FROM events),"
+            " (SELECT count(*) FROM events_runs)"
         )
     )
-    params = {"batch_id": batch_id, "base": int(row[0]) if row and row[0] is not None else 0}
-    exprs = {
-        "event_id": "coalesce(event_id, $base + __n)",
-        "batch_id": "CAST($batch_id AS BIGINT)",
-        "session_id": "coalesce(session_id, user_id || ':' || strftime(__start, '%Y%m%dT%H%M%S'))",
-    }
-    cols = ", ".join(f"{exprs[c]} AS {c}" if c in exprs else c for c in schema.COLUMN_NAMES)
-    new_rows = f"SELECT {cols} FROM {_SESSIONS}"  # noqa: S608
-    existing = _one(con.execute("SELECT count(*) FROM events"))
-    if not existing or not existing[0]:
-        # _SESSIONS is in (user_id, ts, __n) order and generated ids grow with __n, so the
-        # rows land sorted by (user_id, ts, event_id) with no second sort.
-        con.execute(f"INSERT INTO events {new_rows}", params)  # noqa: S608
+    assert row is not None
+    base, existing, appended = int(row[0]), int(row[1]), int(row[2])
+    bind = {"batch_id": batch_id, "base": base}
+    batch = f"SELECT * EXCLUDE (__pos) FROM ({new_rows})"  # noqa: S608
+    if existing and (existing < _COMPACT_BELOW_ROWS or appended + 2 > _MAX_RUNS):
+        union = f"SELECT * FROM events UNION ALL {batch}"  # noqa: S608
+        _rewrite_events(con, union, {**params, **bind})
         return
-    # Rewrite rather than append so the table stays physically sorted: zone maps then serve
-    # per-user lookups with no index.
+    # __pos follows (user_id, ts, __n) and generated ids grow with __n, so the run lands
+    # sorted by (user_id, ts, event_id).
+    con.execute(f"INSERT INTO events {batch} ORDER BY __pos", _used(batch, {**params, **bind}))
+    if existing:
+        con.execute(
+            "INSERT INTO events_runs VALUES (?, ?)", [batch_id, _naive_utc(datetime.now(UTC))]
+        )
+    else:
+        con.execute("DELETE FROM events_runs")
+
+
+def _rewrite_events(
+    con: duckdb.DuckDBPyConnection, rows: str, params: dict[str, Any] | None = None
+) -> None:
+    """Replace events by `rows` sorted by (user_id, ts, event_id): one run. The caller holds
+    the transaction."""
     con.execute(f"DROP TABLE IF EXISTS {_SORTED}")
-    con.execute(
-        f"CREATE TABLE {_SORTED} AS SELECT * FROM (SELECT * FROM events UNION ALL"  # noqa: S608
-        f" {new_rows}) ORDER BY user_id, ts, event_id",
-        params,
-    )
+    sql = f"CREATE TABLE {_SORTED} AS SELECT * FROM ({rows}) ORDER BY user_id, ts, event_id"  # noqa: S608
+    con.execute(sql, _used(sql, params or {}))
     con.execute("DROP TABLE events")
     con.execute(f"ALTER TABLE {_SORTED} RENAME TO events")
+    con.execute("DELETE FROM events_runs")
+
+
+def compact(con: duckdb.DuckDBPyConnection) -> int:
+    """Rewrite events as one run sorted by (user_id, ts, event_id), in one transaction, so
+    per-user lookups touch the fewest row groups; returns the number of runs there were.
+    Ingest does this by itself when runs pile up; call it after many small batches or before
+    a read-heavy session. A table that is already one run is left alone."""
+    con.begin()
+    try:
+        row = _one(
+            con.execute(
+                "SELECT (SELECT count(*) FROM events_runs), (SELECT count(*) > 0 FROM events)"
+            )
+        )
+        appended, nonempty = (int(row[0]), bool(row[1])) if row else (0, False)
+        if appended:
+            _rewrite_events(con, "SELECT * FROM events")
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    return appended + 1 if nonempty else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1412,6 +1512,7 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "active_users",
+    "compact",
     "connect",
     "dataset_summary",
     "ingest_dataframe",

@@ -12,10 +12,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core import store
+from core import alerts, store
 from core.scoring import LoadedModel, load_model
 
-DEFAULT_THRESHOLD = 0.9
+DEFAULT_THRESHOLD = alerts.DEFAULT_THRESHOLD
 
 
 @dataclass(frozen=True)

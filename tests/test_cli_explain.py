@@ -33,7 +33,8 @@ LLM_VARS = (
 )
 JSON_KEYS = {"facts", "attribution", "field_totals", "counterfactual", "method", "summary"}
 COUNTERFACTUAL_LINE = re.compile(
-    r"Without these \d+ events? the score (falls|rises) from \d\.\d\d to \d\.\d\d; "
+    r"(On the explained window of \d+ events: w|W)ithout these \d+ events? "
+    r"the score (falls|rises) from \d\.\d\d to \d\.\d\d; "
     r"without \d+ random events? it (stays at|falls to|rises to) \d\.\d\d\."
 )
 

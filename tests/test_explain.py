@@ -197,7 +197,9 @@ def test_deletion_check_removes_more_score_than_random_events(
         )
         drops_top.append(cf.drop_top)
         drops_random.append(cf.drop_random)
-        assert "Without these 5 events the score" in cf.sentence()
+        assert "ithout these 5 events the score" in cf.sentence()
+        if att.n_events < att.n_events_total:
+            assert cf.sentence().startswith(f"On the explained window of {att.n_events} events")
     assert np.mean(drops_top) > np.mean(drops_random)
 
 

@@ -1,0 +1,502 @@
+"""Explanation benchmark on the demo world: do the attributions find the injected fraud, does
+removing the top events move the score, are summaries grounded, and how long one explanation
+takes. Writes results/bench_explain.{json,md}.
+
+    .venv/bin/python benchmarks/bench_explain.py            # 25 fraud users per typology
+    .venv/bin/python benchmarks/bench_explain.py --quick    # 1 per typology: a smoke run (~2 min)
+
+On a quiet 2-core machine one explanation of a 128-event window takes ~0.4 s, so the default
+run (150 fraud users x 2 targets) takes a few minutes. Run it on a quiet machine: with another
+busy process on the same 2 cores, torch's 2 threads slow down about tenfold (the load average
+at the start and end is recorded with the results).
+
+The database (default data/fraudlens.duckdb, opened read-only, one short connection per user)
+must hold the demo world's ground truth (truth_users / truth_events) and a trained model; the
+newest model is used, on CPU with 2 torch threads (and again on CUDA when present).
+
+Measures:
+- hit-rate@5 per fraudulent user = |top-5 attributed events ∩ injected fraud events| /
+  min(5, injected fraud events inside the explained window); users whose explained window holds
+  no injected event are skipped and counted. Mean per typology and overall, per target.
+- counterfactual: relative drop (before - without)/before of the displayed score when the top-5
+  attributed events are removed, and when 5 random events are (mean of 5 draws); medians.
+- seconds per explanation: core.evidence.explain_user end to end (attributions, deletion check,
+  facts), median and p95; plus explain_events alone on exactly the issue's shape (32 steps, 256
+  events) with an untrained `small` model of max_len 256 (the cost does not depend on weights).
+- grounding: every available backend narrates >= --summaries users' facts (fraud and normal);
+  flagged summaries, fallbacks, and summaries whose shown text fails an independent
+  check_grounding yet are not flagged ("ungrounded shown unflagged": must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from benchmarks._common import write_results  # noqa: E402
+
+SHAPE_EVENTS = 256
+SHAPE_STEPS = 32
+CUDA_USERS = 20  # fraud users re-explained on CUDA for the GPU timing
+HIT_K = 5
+HIT_RATE_DEFINITION = (
+    "hit-rate@5 = |top-5 attributed events ∩ injected fraud events (truth_events)| / "
+    "min(5, number of injected fraud events inside the explained window), averaged over "
+    "fraudulent users; users with no injected event inside the window are skipped (counted)"
+)
+
+
+def log(message: str) -> None:
+    print(f"[bench_explain] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class UserResult:
+    user_id: str
+    typology: str
+    seconds: float
+    hit_rate: float | None  # None: no injected event inside the explained window
+    drop_top: float | None  # relative; None when the score before is 0
+    drop_random: float | None
+
+
+@dataclass
+class TargetResults:
+    target: str  # as asked ("auto") with what it resolved to
+    users: list[UserResult] = field(default_factory=list)
+    missing: int = 0  # sampled users with no events
+
+
+def quantile(values: list[float], q: float) -> float:
+    return float(np.quantile(np.asarray(values, dtype=float), q)) if values else float("nan")
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def sample_users(con: object, per_typology: int, seed: int) -> list[tuple[str, str]]:
+    """(user_id, typology): up to ``per_typology`` fraudulent users of each typology, drawn
+    with a fixed seed from the sorted ids (the same draw on every run)."""
+    rows = con.execute(  # type: ignore[attr-defined]
+        "SELECT typology, user_id FROM truth_users WHERE typology IS NOT NULL "
+        "ORDER BY typology, user_id"
+    ).fetchall()
+    by_typology: dict[str, list[str]] = {}
+    for typology, user_id in rows:
+        by_typology.setdefault(str(typology), []).append(str(user_id))
+    rng = np.random.default_rng(seed)
+    picked: list[tuple[str, str]] = []
+    for typology, users in sorted(by_typology.items()):
+        order = rng.permutation(len(users))[:per_typology]
+        picked += [(users[i], typology) for i in sorted(order)]
+    return picked
+
+
+def sample_normal_users(con: object, n: int, seed: int) -> list[str]:
+    if n <= 0:
+        return []
+    rows = con.execute(  # type: ignore[attr-defined]
+        "SELECT DISTINCT user_id FROM events WHERE user_id NOT IN "
+        "(SELECT user_id FROM truth_users WHERE typology IS NOT NULL) ORDER BY user_id"
+    ).fetchall()
+    users = [str(r[0]) for r in rows]
+    rng = np.random.default_rng(seed + 1)
+    return [users[i] for i in sorted(rng.permutation(len(users))[:n])]
+
+
+def fraud_event_ids(con: object, user_id: str) -> set[int]:
+    rows = con.execute(  # type: ignore[attr-defined]
+        "SELECT event_id FROM truth_events WHERE user_id = ?", [user_id]
+    ).fetchall()
+    return {int(r[0]) for r in rows}
+
+
+def relative_drop(before: float, after: float) -> float | None:
+    return (before - after) / before if before > 1e-9 else None
+
+
+# -- the issue's shape: 32 steps over 256 events -------------------------------------------------
+
+
+def shape_timing(
+    loaded: object, events: object, target: str, runs: int, device: str
+) -> dict[str, object]:
+    """explain_events on exactly 256 events with an untrained `small` model of max_len 256,
+    wrapped like a loaded model (the real featurizer and score reference)."""
+    import torch
+
+    from core.explain import ExplainSettings, explain_events
+    from core.model import BehaviorConfig, BehaviorModel
+    from core.scoring import LoadedModel
+
+    base: LoadedModel = loaded  # type: ignore[assignment]
+    config = BehaviorConfig.from_size(
+        "small",
+        base.featurizer.vocab_sizes(),
+        max_len=SHAPE_EVENTS,
+        has_supervised_head=base.supervised,
+    )
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = BehaviorModel(config).to(dev).eval()
+    shaped = LoadedModel(
+        model_id=f"small-untrained-{SHAPE_EVENTS}",
+        path=base.path,
+        model=model,
+        featurizer=base.featurizer,
+        reference=base.reference,
+        device=dev,
+        lock=threading.Lock(),
+    )
+    settings = ExplainSettings(n_steps=SHAPE_STEPS, target=target)  # type: ignore[arg-type]
+    first = explain_events(shaped, events, settings)  # warm-up
+    assert first.n_events == SHAPE_EVENTS, first.n_events
+    seconds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        explain_events(shaped, events, settings)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
+    return {
+        "measure": f"explain_events, {SHAPE_STEPS} steps x {SHAPE_EVENTS} events",
+        "target": f"{target} ({first.target})",
+        "device": name,
+        "threads": torch.get_num_threads(),
+        "runs": runs,
+        "s_median": round(median(seconds), 3),
+        "s_min": round(min(seconds), 3),
+        "note": f"untrained small, max_len {SHAPE_EVENTS}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; after 1 warm-up",
+    }
+
+
+# -- the benchmark --------------------------------------------------------------------------------
+
+
+def explain_sample(
+    db: Path,
+    loaded: object,
+    users: list[tuple[str, str]],
+    target: str,
+    steps: int,
+    threshold: float,
+    population: object,
+    keep_facts: Callable[[str, object], None] | None = None,
+) -> TargetResults:
+    from core import store
+    from core.evidence import explain_user
+    from core.explain import ExplainSettings
+
+    settings = ExplainSettings(n_steps=steps, target=target)  # type: ignore[arg-type]
+    out = TargetResults(target=target)
+    started = time.perf_counter()
+    for i, (user_id, typology) in enumerate(users, start=1):
+        with store.open_db(db, read_only=True) as con:
+            truth = fraud_event_ids(con, user_id)
+            t0 = time.perf_counter()
+            explanation = explain_user(
+                con,
+                loaded,  # type: ignore[arg-type]
+                user_id,
+                threshold=threshold,
+                settings=settings,
+                population=population,  # type: ignore[arg-type]
+            )
+            seconds = time.perf_counter() - t0
+        if explanation is None:
+            out.missing += 1
+            continue
+        if keep_facts is not None:
+            keep_facts(user_id, explanation.facts)
+        att, cf = explanation.attribution, explanation.counterfactual
+        out.target = f"{target} ({att.target})"
+        in_window = truth & set(att.event_ids.tolist())
+        hit = None
+        if in_window:
+            top = set(att.top_events(HIT_K)["event_id"].astype(int).tolist())
+            hit = len(top & in_window) / min(HIT_K, len(in_window))
+        out.users.append(
+            UserResult(
+                user_id=user_id,
+                typology=typology,
+                seconds=seconds,
+                hit_rate=hit,
+                drop_top=relative_drop(cf.score_before, cf.score_without_top),
+                drop_random=relative_drop(cf.score_before, cf.score_without_random),
+            )
+        )
+        if i % 10 == 0 or i == len(users):
+            rate = (time.perf_counter() - started) / i
+            log(
+                f"{target}: {i}/{len(users)} users, {rate:.1f} s each, "
+                f"~{rate * (len(users) - i):.0f} s left"
+            )
+    return out
+
+
+def quality_rows(results: TargetResults, device: str) -> list[dict[str, object]]:
+    groups: dict[str, list[UserResult]] = {}
+    for r in results.users:
+        groups.setdefault(r.typology, []).append(r)
+    rows = []
+    for typology, members in [*sorted(groups.items()), ("overall", results.users)]:
+        hits = [r.hit_rate for r in members if r.hit_rate is not None]
+        tops = [r.drop_top for r in members if r.drop_top is not None]
+        rands = [r.drop_random for r in members if r.drop_random is not None]
+        secs = [r.seconds for r in members]
+        rows.append(
+            {
+                "measure": "attribution quality",
+                "target": results.target,
+                "typology": typology,
+                "device": device,
+                "users": len(hits),
+                "skipped_no_fraud_in_window": len(members) - len(hits),
+                "hit_rate_at_5": round(float(np.mean(hits)), 3) if hits else "n/a",
+                "drop_top5_median": round(median(tops), 3) if tops else "n/a",
+                "drop_random5_median": round(median(rands), 3) if rands else "n/a",
+                "s_median": round(median(secs), 3) if secs else "n/a",
+                "s_p95": round(quantile(secs, 0.95), 3) if secs else "n/a",
+            }
+        )
+    return rows
+
+
+def grounding_rows(facts: list[object], timeout: float | None) -> list[dict[str, object]]:
+    from core.config import get_settings
+    from core.narrate import check_grounding, make_narrator, narrate
+
+    settings = get_settings()
+    if timeout is not None:
+        settings = dataclasses.replace(settings, llm_timeout_s=timeout)
+    backends = ["template"]
+    if settings.llm_model_dir:
+        backends.append("hf-local")
+    if settings.llm_base_url:
+        backends.append("openai-compatible")
+    rows = []
+    for backend in backends:
+        try:
+            narrator = make_narrator(dataclasses.replace(settings, llm_backend=backend))
+        except ValueError as exc:
+            log(f"skipping {backend}: {exc}")
+            continue
+        flagged = fell_back = unflagged_bad = 0
+        seconds = []
+        for f in facts:
+            t0 = time.perf_counter()
+            summary = narrate(f, narrator)  # type: ignore[arg-type]
+            seconds.append(time.perf_counter() - t0)
+            flagged += summary.flagged
+            fell_back += summary.backend != backend
+            # An independent check of what is shown as fine: the rule is that this stays 0.
+            shown_ok = not summary.flagged
+            unflagged_bad += shown_ok and not check_grounding(summary.text, f).grounded  # type: ignore[arg-type]
+        rows.append(
+            {
+                "measure": "grounding",
+                "backend": backend,
+                "summaries": len(facts),
+                "flagged": flagged,
+                "fell_back_to_template": fell_back,
+                "ungrounded_shown_unflagged": unflagged_bad,
+                "s_median": round(median(seconds), 4),
+            }
+        )
+        log(f"grounding, {backend}: {flagged} flagged, {unflagged_bad} ungrounded unflagged")
+    return rows
+
+
+def run(args: argparse.Namespace) -> Path:
+    import torch
+
+    from core import alerts, store
+    from core.alerts import DEFAULT_THRESHOLD
+    from core.evidence import population_statistics
+    from core.scoring import latest_model, load_model
+
+    torch.set_num_threads(2)
+    load_at_start = os.getloadavg()
+    db: Path = args.db
+    if not db.exists():
+        raise SystemExit(f"no database at {db}; build it with `fraudlens prepare`")
+    with store.open_db(db, read_only=True) as con:
+        tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+        if not {"truth_users", "truth_events"} <= tables:
+            raise SystemExit(f"{db} has no ground truth (truth_users / truth_events): not a demo")
+        found = latest_model(con)
+        if found is None:
+            raise SystemExit(f"{db} has no trained model; run `fraudlens train`")
+        model_id, model_path = found
+        saved = alerts.saved_setting(con, model_id)
+        threshold = saved.threshold if saved is not None else DEFAULT_THRESHOLD
+        fraud = sample_users(con, args.users_per_typology, args.seed)
+        population = population_statistics(con)
+        long_user = con.execute(
+            "SELECT user_id FROM events GROUP BY user_id HAVING count(*) >= ? "
+            "ORDER BY count(*), user_id LIMIT 1",
+            [SHAPE_EVENTS],
+        ).fetchone()
+        shape_events = (
+            store.user_events(con, str(long_user[0])).iloc[:SHAPE_EVENTS]
+            if long_user is not None
+            else None
+        )
+    loaded = load_model(model_path, device="cpu")
+    if "supervised" in args.targets and not loaded.supervised:
+        raise SystemExit(
+            f"model {model_id} has no supervised head: drop 'supervised' from --targets"
+        )
+    log(
+        f"model {model_id} (max_len {loaded.model.config.max_len}); {len(fraud)} fraud users; "
+        f"targets {', '.join(args.targets)}; {args.steps} steps; 2 torch threads"
+    )
+
+    rows: list[dict[str, object]] = []
+    facts: dict[str, object] = {}
+    results: list[TargetResults] = []
+    for i, target in enumerate(args.targets):
+        keep = facts.__setitem__ if i == 0 else None
+        res = explain_sample(
+            db, loaded, fraud, target, args.steps, threshold, population, keep_facts=keep
+        )
+        results.append(res)
+        rows += quality_rows(res, "cpu")
+
+    if shape_events is None:
+        log(f"no user has {SHAPE_EVENTS} events: the shape timing is skipped")
+    else:
+        for target in args.targets:
+            row = shape_timing(loaded, shape_events, target, args.timing_runs, "cpu")
+            log(f"{row['measure']}, {row['target']}, cpu: {row['s_median']} s median")
+            rows.append(row)
+
+    # Facts of more users (normal ones) until there are enough to narrate. Their attributions
+    # use --summary-steps: grounding depends on what the facts hold, not on attribution accuracy.
+    extra_users: list[str] = []
+    missing = max(0, args.summaries - len(facts))
+    if missing:
+        with store.open_db(db, read_only=True) as con:
+            extra_users = sample_normal_users(con, missing, args.seed)
+        explain_sample(
+            db,
+            loaded,
+            [(u, "normal") for u in extra_users],
+            args.targets[0],
+            args.summary_steps,
+            threshold,
+            population,
+            keep_facts=facts.__setitem__,
+        )
+    rows += grounding_rows(list(facts.values()), args.llm_timeout)
+
+    if torch.cuda.is_available():
+        gpu = load_model(model_path, device="cuda")
+        cuda_name = torch.cuda.get_device_name(0)
+        sample = fraud[:CUDA_USERS]
+        explain_sample(db, gpu, sample[:1], args.targets[0], args.steps, threshold, population)
+        res = explain_sample(db, gpu, sample, args.targets[0], args.steps, threshold, population)
+        secs = [r.seconds for r in res.users]
+        rows.append(
+            {
+                "measure": "explain_user end to end",
+                "target": res.target,
+                "device": cuda_name,
+                "users": len(secs),
+                "s_median": round(median(secs), 3),
+                "s_p95": round(quantile(secs, 0.95), 3),
+            }
+        )
+        if shape_events is not None:
+            for target in args.targets:
+                rows.append(shape_timing(loaded, shape_events, target, args.timing_runs, "cuda"))
+
+    first = next((r for r in rows if r.get("typology") == "overall"), {})
+    shapes = [r for r in rows if str(r.get("measure", "")).startswith("explain_events")]
+    shape = next((r for r in shapes if r["device"] == "cpu"), {})
+    template = next((r for r in rows if r.get("backend") == "template"), {})
+    extra: dict[str, object] = {
+        "mode": "quick" if args.quick else "default",
+        "model": f"{model_id} (max_len {loaded.model.config.max_len}, "
+        f"{'supervised head' if loaded.supervised else 'no supervised head'})",
+        "sample": f"{args.users_per_typology} fraudulent users per typology (seed {args.seed}); "
+        f"{sum(r.missing for r in results)} sampled users had no events",
+        "threshold": f"{threshold} ({'saved' if saved is not None else 'default'})",
+        "load_average": f"1/5/15-min {'/'.join(f'{x:.2f}' for x in load_at_start)} at the "
+        f"start, {'/'.join(f'{x:.2f}' for x in os.getloadavg())} at the end (timings are only "
+        "meaningful when the machine is otherwise idle)",
+        "hit_rate_definition": HIT_RATE_DEFINITION,
+        "counterfactual_definition": "relative drop = (score_before - score_without) / "
+        "score_before on the displayed score (0..1) of the explained window; top-5 = the 5 "
+        "most attributed events, random-5 = mean over 5 draws of 5 events",
+        "seconds_definition": "s_median / s_p95 in the quality rows: core.evidence.explain_user "
+        "end to end (attributions + deletion check + facts), torch threads 2",
+        "summaries_facts": f"{len(facts)} users' facts ({len(facts) - len(extra_users)} fraud "
+        f"from target {args.targets[0]} at {args.steps} steps, {len(extra_users)} normal at "
+        f"{args.summary_steps} steps)",
+        "issue_figures": (
+            f"hit-rate@5 {first.get('hit_rate_at_5')} (need >= 0.8); median drop top-5 "
+            f"{first.get('drop_top5_median')} vs random-5 {first.get('drop_random5_median')} "
+            f"(need >= 0.5 and well above); ungrounded shown unflagged "
+            f"{template.get('ungrounded_shown_unflagged')} (need 0); {SHAPE_STEPS} steps x "
+            f"{SHAPE_EVENTS} events {shape.get('s_median')} s (need <= 1 s on 2 CPU cores)"
+        ),
+    }
+    if args.quick:
+        extra["note"] = "--quick: smoke-run sizes; not the issue's figures"
+    return write_results("bench_explain", rows, extra)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--db", type=Path, default=Path("data/fraudlens.duckdb"))
+    parser.add_argument("--users-per-typology", type=int, default=None, help="default 25")
+    parser.add_argument("--steps", type=int, default=SHAPE_STEPS, help="IG steps")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=["auto", "supervised", "unsupervised"],
+        default=["auto", "unsupervised"],
+    )
+    parser.add_argument("--summaries", type=int, default=None, help="default 200")
+    parser.add_argument(
+        "--summary-steps",
+        type=int,
+        default=8,
+        help="IG steps for the extra (normal) users explained only to have facts to narrate",
+    )
+    parser.add_argument("--timing-runs", type=int, default=None, help="default 10")
+    parser.add_argument("--llm-timeout", type=float, default=None, help="seconds per summary")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    args = parser.parse_args()
+    quick = {"users_per_typology": 1, "summaries": 20, "timing_runs": 3}
+    default = {"users_per_typology": 25, "summaries": 200, "timing_runs": 10}
+    for key, value in (quick if args.quick else default).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    started = time.perf_counter()
+    out = run(args)
+    log(f"done in {time.perf_counter() - started:.0f} s")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
