@@ -512,7 +512,11 @@ def _explanation_json(
 
 def _print_explanation(explanation: Explanation, summary: Summary, threshold_source: str) -> None:
     facts, att = explanation.facts, explanation.attribution
-    span = f"{facts.start or 'first event'} .. {facts.end or 'last event'}"
+    span = (
+        f"{facts.start or 'the first event'} .. {facts.end or 'the last event'}"
+        if facts.start or facts.end
+        else "whole history"
+    )
     typer.echo(f"user         {facts.user_id}  ({facts.n_events:,} events, {span})")
     typer.echo(f"model        {facts.model_id}")
     side = "ABOVE" if facts.above_threshold else "below"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
+import duckdb
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -191,5 +192,5 @@ def render(
                 with store.open_db(db_path) as con:
                     evidence.save_explanation(con, found, summary)
                 st.session_state["_inv_kept"] = kept
-            except store.StoreError as exc:
+            except (store.StoreError, duckdb.Error) as exc:  # never a stack trace on the page
                 st.caption(f"Explanation not kept for exports ({exc}).")
