@@ -573,13 +573,13 @@ def case_export_frame(
     frame = frame.merge(scores, on="user_id", how="left")
     reasons = top_reasons(con, model_id, users) if model_id else pd.Series(dtype=str)
     frame["top_reasons"] = frame["user_id"].map(reasons).fillna("")
+    # The newest kept explanation per user, whole (arg_max per column would skip NULLs and
+    # mix rows).
     explained = con.execute(
-        "SELECT user_id, arg_max(top_events, created_at) AS top_attributed_events,"
-        " arg_max(counterfactual, created_at) AS counterfactual,"
-        " arg_max(summary, created_at) AS summary,"
-        " arg_max(summary_backend, created_at) AS summary_backend,"
-        " arg_max(grounded, created_at) AS summary_grounded FROM explanations"
-        " WHERE model_id = ? AND user_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY user_id",
+        "SELECT user_id, top_events AS top_attributed_events, counterfactual, summary,"
+        " summary_backend, grounded AS summary_grounded FROM explanations"
+        " WHERE model_id = ? AND user_id IN (SELECT unnest(?::VARCHAR[]))"
+        " QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY created_at DESC) = 1",
         [model_id, users],
     ).df()
     frame = frame.merge(explained, on="user_id", how="left")

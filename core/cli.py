@@ -405,6 +405,10 @@ def explain(
     ] = None,
     model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
     steps: Annotated[int, typer.Option(min=2, help="Integrated-gradients steps.")] = 32,
+    internal_batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Steps per forward pass (default: all; lower to save memory)."),
+    ] = None,
     target: Annotated[
         str, typer.Option(help="Score to explain: auto, supervised or unsupervised.")
     ] = "auto",
@@ -451,7 +455,12 @@ def explain(
                 start_ts,
                 end_ts,
                 threshold=threshold,
-                settings=ExplainSettings(n_steps=steps, target=target),  # type: ignore[arg-type]
+                weight=saved.weight if saved is not None else None,
+                settings=ExplainSettings(
+                    n_steps=steps,
+                    internal_batch_size=internal_batch_size,
+                    target=target,  # type: ignore[arg-type]
+                ),
             )
     except store.StoreError as exc:
         raise _fail(str(exc)) from None

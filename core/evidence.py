@@ -162,7 +162,12 @@ def _linked_entities(
     sizes = shared.groupby(["entity_type", "entity_value"], sort=False)["other_user_id"].nunique()
     for (kind, value), _ in sizes.sort_values(ascending=False).head(MAX_LINKED_ENTITIES).items():
         rows = shared[(shared["entity_type"] == kind) & (shared["entity_value"] == value)]
-        users = tuple(rows["other_user_id"].astype(str).head(MAX_LINKED_USERS))
+        everyone = rows["other_user_id"].astype(str).drop_duplicates().tolist()
+        # Labelled users first (fraud, then unsure, then legit), then the most active: a known
+        # fraudster among 30 sharers must not be cut off.
+        rank = {"fraud": 0, "unsure": 1, "legit": 2}
+        everyone.sort(key=lambda u: rank.get(label_of.get(u, ""), 3))
+        users = tuple(everyone[:MAX_LINKED_USERS])
         linked.append(
             LinkedEntity(
                 kind=str(kind),
@@ -185,15 +190,24 @@ def explain_user(
     settings: ExplainSettings | None = None,
     population: pd.DataFrame | None = None,
     top_k: int = 10,
+    weight: float | None = None,
+    vocabulary: tuple[str, ...] | None = None,
 ) -> Explanation | None:
     """Attributions, deletion check and facts for one user's events in [start, end); None when
-    the user has no events there."""
+    the user has no events there.
+
+    The score in the facts is the one the Investigate header shows (full history, combined
+    with the saved unsupervised ``weight``); ``population`` and ``vocabulary`` may be passed
+    in when a caller caches them (they are the same for every user of a range).
+    """
+    from core.investigate import user_header
+
     settings = settings or ExplainSettings()
     events = store.user_events(con, user_id, start, end)
     if events.empty:
         return None
     attribution = explain_events(loaded, events, settings)
-    check = counterfactual(loaded, events, attribution)
+    check = counterfactual(loaded, events, attribution, weight=weight)
 
     top = attribution.top_events(top_k)
     detail = events.set_index("event_id")
@@ -233,19 +247,12 @@ def explain_user(
         for r in population.itertuples(index=False)
         if r.median is not None and not pd.isna(r.median)
     )
-    head = con.execute(
-        "SELECT score, percentile_unsupervised FROM sequence_scores WHERE model_id = ? "
-        "AND user_id = ? AND window_start IS NOT DISTINCT FROM ? "
-        "AND window_end IS NOT DISTINCT FROM ? ORDER BY scored_at DESC LIMIT 1",
-        [loaded.model_id, user_id, start, end],
-    ).fetchone()
-    # The stored score of this range when there is one (what the queue shows); else the
-    # explained window's own score.
-    score = float(head[0]) if head and head[0] is not None else check.score_before
-    percentile = float(head[1]) if head and head[1] is not None else None
-    vocabulary = tuple(
-        r[0] for r in con.execute("SELECT DISTINCT event_type FROM events ORDER BY 1").fetchall()
-    )
+    header = user_header(con, user_id, loaded.model_id, start, end, weight=weight)
+    # The header's score when the user has been scored, else the explained window's own.
+    score = check.score_before if header is None or header.score is None else header.score
+    percentile = None if header is None else header.percentile
+    if vocabulary is None:
+        vocabulary = event_vocabulary(con)
     facts = Facts(
         user_id=str(user_id),
         model_id=loaded.model_id,
@@ -277,6 +284,12 @@ def explain_user(
         top_events=top,
         timeline_attribution=timeline,
     )
+
+
+def event_vocabulary(con: duckdb.DuckDBPyConnection) -> tuple[str, ...]:
+    """Every event type in the store (the grounding check's list of what could be cited)."""
+    rows = con.execute("SELECT DISTINCT event_type FROM events ORDER BY 1").fetchall()
+    return tuple(str(r[0]) for r in rows)
 
 
 def attribution_share(attribution: Attribution) -> np.ndarray:

@@ -41,7 +41,7 @@ import torch
 from captum.attr import LayerIntegratedGradients
 
 from core.model import BehaviorModel
-from core.scoring import LoadedModel, combine_scores
+from core.scoring import DEFAULT_UNSUPERVISED_WEIGHT, LoadedModel, combine_scores
 from core.sequences import ABSENT, PAD, EncodedEvents, make_windows
 
 Target = Literal["auto", "supervised", "unsupervised"]
@@ -326,7 +326,11 @@ def _attribute(
 
 
 def displayed_scores(
-    loaded: LoadedModel, encoded: EncodedEvents, row_sets: Sequence[np.ndarray]
+    loaded: LoadedModel,
+    encoded: EncodedEvents,
+    row_sets: Sequence[np.ndarray],
+    *,
+    weight: float | None = None,
 ) -> np.ndarray:
     """The score the analyst sees (combined, 0..1) for several subsets of one user's events,
     scored as separate sequences in one batched pass (for the deletion check).
@@ -358,7 +362,7 @@ def displayed_scores(
     sup = None
     if loaded.supervised:
         sup = 1.0 / (1.0 + np.exp(-out.sequence_logit.float().cpu().numpy()))
-    return combine_scores(pct, sup)
+    return combine_scores(pct, sup, DEFAULT_UNSUPERVISED_WEIGHT if weight is None else weight)
 
 
 def counterfactual(
@@ -369,9 +373,11 @@ def counterfactual(
     k: int | None = None,
     random_draws: int | None = None,
     seed: int | None = None,
+    weight: float | None = None,
 ) -> Counterfactual:
     """Remove the top-k attributed events and rescore; the same for k random events (mean of
-    ``random_draws`` draws) as the control. Scored on the explained window."""
+    ``random_draws`` draws) as the control. Scored on the explained window, combined with the
+    unsupervised ``weight`` the analyst's threshold uses (default: the model's)."""
     s = attribution.settings
     k = s.counterfactual_k if k is None else k
     draws = s.random_draws if random_draws is None else random_draws
@@ -386,7 +392,7 @@ def counterfactual(
         drop = set(rng.choice(n, size=k, replace=False).tolist()) if k else set()
         subsets.append(rows[[i for i in range(n) if i not in drop]])
     with loaded.lock:
-        scores = displayed_scores(loaded, encoded, subsets)
+        scores = displayed_scores(loaded, encoded, subsets, weight=weight)
     return Counterfactual(
         k=k,
         score_before=float(scores[0]),

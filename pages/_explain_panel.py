@@ -6,6 +6,7 @@ core (core.evidence, core.narrate, core.similar) behind Streamlit caches.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import datetime
 
@@ -15,8 +16,15 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import charts, evidence, similar, store
-from core.config import get_settings
-from core.narrate import Summary, SummaryCache, make_narrator, narrate
+from core.config import Settings, get_settings
+from core.narrate import (
+    Narrator,
+    Summary,
+    SummaryCache,
+    TemplateNarrator,
+    make_narrator,
+    narrate,
+)
 from pages._shared import loaded_model
 
 
@@ -24,6 +32,12 @@ from pages._shared import loaded_model
 def population(db_path: str, start: datetime | None, end: datetime | None) -> pd.DataFrame:
     with store.open_db(db_path) as con:
         return evidence.population_statistics(con, start, end)
+
+
+@st.cache_data(ttl=600, max_entries=8, show_spinner=False)
+def vocabulary(db_path: str, version: int) -> tuple[str, ...]:
+    with store.open_db(db_path) as con:
+        return evidence.event_vocabulary(con)
 
 
 @st.cache_data(ttl=300, max_entries=32, show_spinner=False)
@@ -34,13 +48,23 @@ def explanation(
     start: datetime | None,
     end: datetime | None,
     threshold: float,
+    weight: float | None,
     version: int,
 ) -> evidence.Explanation | None:
     loaded = loaded_model(model_path)
     pop = population(db_path, start, end)
+    words = vocabulary(db_path, version)
     with store.open_db(db_path) as con:
         return evidence.explain_user(
-            con, loaded, user, start, end, threshold=threshold, population=pop
+            con,
+            loaded,
+            user,
+            start,
+            end,
+            threshold=threshold,
+            population=pop,
+            weight=weight,
+            vocabulary=words,
         )
 
 
@@ -49,17 +73,28 @@ def summary_cache() -> SummaryCache:
     return SummaryCache(maxsize=256)
 
 
-def write_summary(db_path: str, found: evidence.Explanation, backend: str | None = None) -> Summary:
+@st.cache_resource(max_entries=4, show_spinner=False)
+def narrator_for(settings: Settings) -> Narrator:
+    """One narrator per backend setting (a local LM loads its weights once, not per user)."""
+    return make_narrator(settings)
+
+
+def write_summary(found: evidence.Explanation) -> Summary:
     settings = get_settings()
-    if backend:
-        settings = type(settings)(**{**settings.__dict__, "llm_backend": backend})
     try:
-        narrator = make_narrator(settings)
+        narrator = narrator_for(settings)
     except ValueError as exc:
         st.warning(f"Summary backend not usable ({exc}); using the template.")
-        narrator = make_narrator(type(settings)(**{**settings.__dict__, "llm_backend": "template"}))
-    summary = narrate(found.facts, narrator, cache=summary_cache())
-    return summary
+        narrator = TemplateNarrator()
+    return narrate(found.facts, narrator, cache=summary_cache())
+
+
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
+
+
+def plain(text: str) -> str:
+    """Markdown-escaped text: a summary (or data it quotes) cannot render links or images."""
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", text)
 
 
 @st.cache_data(ttl=120, max_entries=32, show_spinner=False)
@@ -79,6 +114,7 @@ def render(
     start: datetime | None,
     end: datetime | None,
     threshold: float,
+    weight: float | None,
     version: int,
     events: pd.DataFrame,
     timeline: Callable[[pd.DataFrame | None], go.Figure],
@@ -91,7 +127,7 @@ def render(
         return
     with st.spinner("Attributing the score to events…"):
         try:
-            found = explanation(db_path, model_path, user, start, end, threshold, version)
+            found = explanation(db_path, model_path, user, start, end, threshold, weight, version)
         except Exception as exc:  # a model that cannot explain must not take the page down
             st.error(f"Could not explain {user}: {exc}")
             return
@@ -147,40 +183,50 @@ def render(
         elif near.empty:
             st.caption("No similar users.")
         else:
-            picked = st.dataframe(
+            key = f"inv_similar_{user}"
+
+            def on_pick() -> None:  # a callback: may move the user picker drawn above
+                rows = st.session_state[key].selection.rows
+                if rows:
+                    open_user(str(near["user_id"].iloc[rows[0]]))
+
+            st.dataframe(
                 near,
                 hide_index=True,
-                key=f"inv_similar_{user}",
-                on_select="rerun",
+                key=key,
+                on_select=on_pick,
                 selection_mode="single-row",
                 column_config={
                     "similarity": st.column_config.NumberColumn(format="%.3f"),
                     "score": st.column_config.NumberColumn(format="%.2f"),
                 },
             )
-            rows = picked.selection.rows if picked else []
-            if rows:
-                open_user(str(near["user_id"].iloc[rows[0]]))
-                st.rerun()
             st.caption("Users whose behaviour the model encodes most alike; select one to open it.")
 
     with st.container(border=True, key="inv_summary"):
         st.subheader("Summary")
-        summary = write_summary(db_path, found)
-        if summary.flagged:
+        summary = write_summary(found)
+        if summary.flagged and summary.fallback_text:
             st.warning(
                 f"Written by {summary.backend} — NOT GROUNDED: "
                 + "; ".join(summary.grounding.problems[:5])
             )
             left, right = st.columns(2)
             left.markdown("**Model text (unverified)**")
-            left.write(summary.text)
+            left.markdown(plain(summary.text))
             right.markdown("**Template summary (grounded)**")
-            right.write(summary.fallback_text or "")
+            right.markdown(plain(summary.fallback_text))
+        elif summary.flagged:  # the template itself cites something the facts lack: a bug
+            st.error(
+                "The summary cites values not in the evidence ("
+                + "; ".join(summary.grounding.problems[:5])
+                + "). Rely on the attributions above."
+            )
+            st.markdown(plain(summary.text))
         else:
             if summary.message:
                 st.info(summary.message)
-            st.write(summary.text)
+            st.markdown(plain(summary.text))
             st.caption(
                 f"Written by **{summary.backend}** · grounded: every number, time, event and "
                 "entity it cites is in the evidence above."

@@ -251,6 +251,7 @@ if not events.empty:
         start=ctx.start,
         end=ctx.end,
         threshold=ctx.threshold,
+        weight=weight,
         version=version,
         events=events,
         timeline=lambda attribution: attribution_timeline(ask, attribution),

@@ -97,3 +97,21 @@ def test_kept_explanation_is_what_the_analyst_saw(
     assert sentence == found.counterfactual.sentence()
     assert text == summary.text and backend == "template" and grounded
     assert '"LayerIntegratedGradients"' in settings
+
+
+def test_case_export_takes_the_newest_explanation_whole(
+    demo_db_copy: DemoEnv, loaded: LoadedModel
+) -> None:
+    with store.open_db(demo_db_copy.db_path) as con:
+        user = con.execute("SELECT min(user_id) FROM truth_events").fetchone()[0]  # type: ignore[index]
+        found = explain_user(con, loaded, user, threshold=0.5)
+        assert found is not None
+        save_explanation(con, found, narrate(found.facts, TemplateNarrator()))
+        save_explanation(con, found, None)  # newer, without a summary
+        case_id = cases.open_case(con, "ana", [user], title="check")
+        frame = cases.case_export_frame(
+            con, [case_id], model_id=loaded.model_id, threshold=0.5, analyst="ana"
+        )
+    row = frame.iloc[0]
+    assert row["top_attributed_events"]
+    assert pd.isna(row["summary"]) and pd.isna(row["summary_backend"])

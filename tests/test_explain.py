@@ -179,6 +179,14 @@ def test_refuses_inference_mode_and_missing_head(
     with pytest.raises(ValueError, match="one user"):
         explain_events(loaded, pd.concat([events, _events(demo_env, fraud_users[1])]))
     assert resolve_target(loaded, "auto") == "supervised"
+    headless = LoadedModel(**{**loaded.__dict__, "model": loaded.model})
+    headless.model.config.has_supervised_head = False
+    try:
+        assert resolve_target(headless, "auto") == "unsupervised"
+        with pytest.raises(ValueError, match="no supervised head"):
+            resolve_target(headless, "supervised")
+    finally:
+        headless.model.config.has_supervised_head = True
 
 
 def test_deletion_check_removes_more_score_than_random_events(
