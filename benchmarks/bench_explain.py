@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import statistics
 import sys
@@ -72,6 +73,8 @@ class UserResult:
     hit_rate: float | None  # None: no injected event inside the explained window
     drop_top: float | None  # relative; None when the score before is 0
     drop_random: float | None
+    target_drop_top: float | None = None  # the same on the attribution target's own scale
+    target_drop_random: float | None = None
 
 
 @dataclass
@@ -127,6 +130,8 @@ def fraud_event_ids(con: object, user_id: str) -> set[int]:
 
 
 def relative_drop(before: float, after: float) -> float | None:
+    if not math.isfinite(before) or not math.isfinite(after):
+        return None
     return (before - after) / before if before > 1e-9 else None
 
 
@@ -240,6 +245,8 @@ def explain_sample(
                 hit_rate=hit,
                 drop_top=relative_drop(cf.score_before, cf.score_without_top),
                 drop_random=relative_drop(cf.score_before, cf.score_without_random),
+                target_drop_top=relative_drop(cf.target_before, cf.target_without_top),
+                target_drop_random=relative_drop(cf.target_before, cf.target_without_random),
             )
         )
         if i % 10 == 0 or i == len(users):
@@ -260,6 +267,8 @@ def quality_rows(results: TargetResults, device: str) -> list[dict[str, object]]
         hits = [r.hit_rate for r in members if r.hit_rate is not None]
         tops = [r.drop_top for r in members if r.drop_top is not None]
         rands = [r.drop_random for r in members if r.drop_random is not None]
+        t_tops = [r.target_drop_top for r in members if r.target_drop_top is not None]
+        t_rands = [r.target_drop_random for r in members if r.target_drop_random is not None]
         secs = [r.seconds for r in members]
         rows.append(
             {
@@ -272,6 +281,8 @@ def quality_rows(results: TargetResults, device: str) -> list[dict[str, object]]
                 "hit_rate_at_5": round(float(np.mean(hits)), 3) if hits else "n/a",
                 "drop_top5_median": round(median(tops), 3) if tops else "n/a",
                 "drop_random5_median": round(median(rands), 3) if rands else "n/a",
+                "target_drop_top5_median": round(median(t_tops), 3) if t_tops else "n/a",
+                "target_drop_random5_median": round(median(t_rands), 3) if t_rands else "n/a",
                 "s_median": round(median(secs), 3) if secs else "n/a",
                 "s_p95": round(quantile(secs, 0.95), 3) if secs else "n/a",
             }
@@ -445,7 +456,9 @@ def run(args: argparse.Namespace) -> Path:
         "hit_rate_definition": HIT_RATE_DEFINITION,
         "counterfactual_definition": "relative drop = (score_before - score_without) / "
         "score_before on the displayed score (0..1) of the explained window; top-5 = the 5 "
-        "most attributed events, random-5 = mean over 5 draws of 5 events",
+        "most attributed events, random-5 = mean over 5 draws of 5 events; target_drop_* = "
+        "the same on the attribution target's own scale (fraud probability for the supervised "
+        "target, raw typicality for the unsupervised one), free of the percentile's saturation",
         "seconds_definition": "s_median / s_p95 in the quality rows: core.evidence.explain_user "
         "end to end (attributions + deletion check + facts), torch threads 2",
         "summaries_facts": f"{len(facts)} users' facts ({len(facts) - len(extra_users)} fraud "

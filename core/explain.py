@@ -144,6 +144,12 @@ class Counterfactual:
     score_without_top: float
     score_without_random: float  # mean over random draws of k events
     window_events: int | None = None  # set when the window is not all of the user's events
+    # The same check on the attribution target's own scale (fraud probability for the
+    # supervised target, raw typicality for the unsupervised one): what the attributions explain,
+    # without the percentile's saturation.
+    target_before: float = float("nan")
+    target_without_top: float = float("nan")
+    target_without_random: float = float("nan")
 
     @property
     def drop_top(self) -> float:
@@ -337,6 +343,17 @@ def displayed_scores(
 
     A deleted event is taken out of the sequence; the remaining events keep their tokens.
     """
+    return _subset_scores(loaded, encoded, row_sets, weight=weight)[0]
+
+
+def _subset_scores(
+    loaded: LoadedModel,
+    encoded: EncodedEvents,
+    row_sets: Sequence[np.ndarray],
+    *,
+    weight: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(displayed score, supervised probability or NaN, raw typicality) per subset."""
     max_len = int(loaded.model.config.max_len)
     width = max(1, max(len(r) for r in row_sets))
     if width > max_len:
@@ -362,7 +379,9 @@ def displayed_scores(
     sup = None
     if loaded.supervised:
         sup = 1.0 / (1.0 + np.exp(-out.sequence_logit.float().cpu().numpy()))
-    return combine_scores(pct, sup, DEFAULT_UNSUPERVISED_WEIGHT if weight is None else weight)
+    w = DEFAULT_UNSUPERVISED_WEIGHT if weight is None else weight
+    shown = combine_scores(pct, sup, w)
+    return shown, np.full(len(row_sets), np.nan) if sup is None else sup, raw
 
 
 def counterfactual(
@@ -392,13 +411,17 @@ def counterfactual(
         drop = set(rng.choice(n, size=k, replace=False).tolist()) if k else set()
         subsets.append(rows[[i for i in range(n) if i not in drop]])
     with loaded.lock:
-        scores = displayed_scores(loaded, encoded, subsets, weight=weight)
+        scores, sup, raw = _subset_scores(loaded, encoded, subsets, weight=weight)
+    own = sup if attribution.target == "supervised" else raw
     return Counterfactual(
         k=k,
         score_before=float(scores[0]),
         score_without_top=float(scores[1]),
         score_without_random=float(np.mean(scores[2:])) if draws else float(scores[0]),
         window_events=int(n) if n < attribution.n_events_total else None,
+        target_before=float(own[0]),
+        target_without_top=float(own[1]),
+        target_without_random=float(np.mean(own[2:])) if draws else float(own[0]),
     )
 
 
