@@ -173,6 +173,7 @@ def _linked_entities(
                 kind=str(kind),
                 value=str(value),
                 users=users,
+                n_users=len(everyone),
                 labels={u: label_of[u] for u in users if u in label_of},
             )
         )

@@ -9,29 +9,59 @@ from it:
 - ``openai-compatible``: any ``/chat/completions`` endpoint (vLLM, Ollama, llama.cpp, hosted).
 
 Every number, date, time, event type, user id and entity a text cites is checked against the
-facts (``check_grounding``). Text that cites what is not there is flagged and the template
+facts (``check_grounding``, in core.grounding), and so is each label, threshold side and event
+time against what it is said of. Text that cites what is not there is flagged and the template
 summary is shown beside it; a backend that fails or times out is replaced by the template.
 """
 
 from __future__ import annotations
 
-import calendar
+import base64
+import hashlib
+import http.client as http_client
 import json
-import math
 import re
 import socket
 import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from core.config import Settings
-from core.schema import DEMO_EVENT_TYPES
+from core.grounding import KIND_WORDS, GroundingReport, check_grounding
+
+__all__ = [
+    "BACKENDS",
+    "CounterfactualFact",
+    "EventFact",
+    "Facts",
+    "GroundingReport",
+    "HFLocalNarrator",
+    "LinkedEntity",
+    "Narrator",
+    "NarratorError",
+    "NarratorTimeout",
+    "OpenAICompatibleNarrator",
+    "PeerStat",
+    "Summary",
+    "SummaryCache",
+    "TemplateNarrator",
+    "build_prompt",
+    "build_prompt_text",
+    "check_grounding",
+    "counterfactual_sentence",
+    "facts_digest",
+    "facts_text",
+    "make_narrator",
+    "narrate",
+    "narrator_identity",
+]
 
 # -- facts -----------------------------------------------------------------------------------
 
@@ -64,8 +94,13 @@ class LinkedEntity:
 
     kind: str  # "device_id" | "ip" | "card_id" (core.schema calls the card "payment_id")
     value: str
-    users: tuple[str, ...]  # other users sharing it
+    users: tuple[str, ...]  # other users sharing it (the first few when many do)
     labels: dict[str, str]  # other user -> label ("fraud" / "legit" / "unsure"), labelled only
+    n_users: int | None = None  # how many other users share it in all; None: len(users)
+
+    @property
+    def total_users(self) -> int:
+        return len(self.users) if self.n_users is None else max(self.n_users, len(self.users))
 
 
 @dataclass(frozen=True)
@@ -90,7 +125,7 @@ class Facts:
     end: datetime | None
     n_events: int
     score: float  # displayed score 0..1
-    percentile: float | None  # 0..1
+    percentile: float | None  # 0..1, of the unsupervised score against the training users
     threshold: float
     top_events: tuple[EventFact, ...]
     counterfactual: CounterfactualFact | None
@@ -147,6 +182,7 @@ class Facts:
                     value=str(x["value"]),
                     users=tuple(str(u) for u in x.get("users", [])),
                     labels={str(k): str(v) for k, v in x.get("labels", {}).items()},
+                    n_users=None if x.get("n_users") is None else int(x["n_users"]),
                 )
                 for x in data.get("linked", [])
             ),
@@ -211,7 +247,18 @@ def _when(ts: datetime) -> str:
     return f"{ts:%Y-%m-%d %H:%M}"
 
 
-_KIND_WORDS = {"device_id": "device", "ip": "IP", "card_id": "card", "payment_id": "card"}
+def _fmt_apart(a: float, b: float) -> tuple[str, str]:
+    """Both numbers as _fmt writes them, with more decimals where they would read the same
+    although they differ (a score of 0.4999 against a threshold of 0.5)."""
+    x, y = _fmt(a), _fmt(b)
+    decimals = 3
+    while x == y and a != b and decimals <= 6:
+        x, y = f"{a:,.{decimals}f}", f"{b:,.{decimals}f}"
+        decimals += 1
+    return x, y
+
+
+_KIND_WORDS = KIND_WORDS
 # top_field label (core.explain.FIELD_LABELS) -> the event field whose value shows it.
 _FIELD_OF_LABEL = {
     "new device": "device_id",
@@ -223,7 +270,16 @@ _FIELD_OF_LABEL = {
 }
 
 
-def _top_field_phrase(event: EventFact) -> str:
+def _citable(value: str, facts: Facts) -> bool:
+    """Can the template quote this logged value? One token always can; free text only when it
+    carries no claim of its own (a category like "gift cards", not "refund from RU")."""
+    value = value.strip()
+    if not value or len(value) > 80:
+        return False
+    return not re.search(r"\s", value) or check_grounding(value, facts).grounded
+
+
+def _top_field_phrase(event: EventFact, facts: Facts) -> str:
     label = event.top_field.strip()
     if not label:
         return ""
@@ -231,26 +287,39 @@ def _top_field_phrase(event: EventFact) -> str:
     value = event.fields.get(key) if key else None
     if value is None and key == "card_id":
         value = event.fields.get("payment_id")
-    return f"{label} {value}" if value else label
+    return f"{label} {value}" if value and _citable(value, facts) else label
+
+
+def _score_pair(before: float, after: float) -> tuple[str, str] | None:
+    """Two scores at 2 decimals, or 3 where 2 would print the same figure for different
+    values; None when they read the same even then (the score "stays at")."""
+    for decimals in (2, 3):
+        x, y = f"{before:.{decimals}f}", f"{after:.{decimals}f}"
+        if x != y:
+            return x, y
+    return None
 
 
 def counterfactual_sentence(cf: CounterfactualFact) -> str:
-    """The deletion check as one line (same wording as core.explain.Counterfactual)."""
+    """The deletion check as one line (core.explain.Counterfactual.sentence words it so)."""
     if cf.k == 0:
         return f"Too few events to test: the score is {cf.score_before:.2f}."
-    drop_random = cf.score_before - cf.score_without_random
-    verb = "falls" if cf.score_without_top < cf.score_before else "rises"
-    random_verb = (
-        "stays at" if abs(drop_random) < 0.05 else ("falls to" if drop_random > 0 else "rises to")
-    )
     events = "event" if cf.k == 1 else "events"
     # A long history is explained on one window: say that its score is the window's.
     scope = f"On the explained window of {cf.window_events} events: w" if cf.window_events else "W"
-    return (
-        f"{scope}ithout these {cf.k} {events} the score {verb} from {cf.score_before:.2f} "
-        f"to {cf.score_without_top:.2f}; without {cf.k} random {events} it "
-        f"{random_verb} {cf.score_without_random:.2f}."
-    )
+    pair = _score_pair(cf.score_before, cf.score_without_top)
+    if pair is None:
+        top = f"the score stays at {cf.score_before:.2f}"
+    else:
+        verb = "falls" if cf.score_without_top < cf.score_before else "rises"
+        top = f"the score {verb} from {pair[0]} to {pair[1]}"
+    # The random control only says whether the score moves: small moves read as staying.
+    drop_random = cf.score_before - cf.score_without_random
+    if abs(drop_random) < 0.05:
+        rest = f"stays at {cf.score_without_random:.2f}"
+    else:
+        rest = f"{'falls' if drop_random > 0 else 'rises'} to {cf.score_without_random:.2f}"
+    return f"{scope}ithout these {cf.k} {events} {top}; without {cf.k} random {events} it {rest}."
 
 
 # -- prompt --------------------------------------------------------------------------------------
@@ -261,9 +330,12 @@ SYSTEM_PROMPT = (
     "1. Use only the facts given. Do not guess causes or add background knowledge.\n"
     "2. Every number, date, time, event type, user id, device, IP address and card you mention "
     "must appear in the facts, written as there (you may round a number or write a share as a "
-    "percentage). Do not compute new numbers. Do not invent ids, times or event types.\n"
+    "percentage). Do not compute new numbers. Do not invent ids, times or event types. Do not "
+    "write relative days (today, yesterday), URLs or email addresses.\n"
     "3. Write 4 to 6 sentences of plain English prose: no lists, no headings, no markdown.\n"
-    "4. Cover: the score against the alert threshold and the percentile; the events that "
+    "4. Cover: the score against the alert threshold; the unsupervised percentile (how "
+    "unusual the behaviour is against the training users: a different measure from the score, "
+    "never call it the score's rank); the events that "
     "weighed most, with their time, type and the field that mattered; what the counterfactual "
     "check shows; shared devices, IPs or cards and the linked users' labels; statistics that "
     "are out of range against the population. Say so when the evidence is weak."
@@ -279,9 +351,14 @@ def facts_text(facts: Facts) -> str:
         lines.append(f"time range: {start} to {end} (UTC)")
     lines.append(f"events in range: {facts.n_events}")
     side = "above" if facts.above_threshold else "below"
-    lines.append(f"score: {_fmt(facts.score)} ({side} the alert threshold {_fmt(facts.threshold)})")
+    score, threshold = _fmt_apart(facts.score, facts.threshold)
+    lines.append(f"score: {score} ({side} the alert threshold {threshold})")
     if facts.percentile is not None:
-        lines.append(f"percentile: {_pct(facts.percentile)} of users score lower")
+        p = _pct(facts.percentile)
+        lines.append(
+            f"unsupervised percentile: {p} (its behaviour is more unusual than {p} of the "
+            "training users; not a rank of the score above)"
+        )
     if facts.top_events:
         lines.append("top attributed events (share of the positive attribution):")
         for e in facts.top_events:
@@ -297,6 +374,8 @@ def facts_text(facts: Facts) -> str:
         lines.append("shared with other users:")
         for x in facts.linked:
             users = ", ".join(f"{u} ({x.labels.get(u, 'unlabelled')})" for u in x.users)
+            if x.total_users > len(x.users):
+                users += f" ({x.total_users} other users in all; the first {len(x.users)} shown)"
             lines.append(f"- {_KIND_WORDS.get(x.kind, x.kind)} {x.value}: {users}")
     else:
         lines.append("shared with other users: nothing")
@@ -344,24 +423,27 @@ class TemplateNarrator:
     """Deterministic prose from the facts; grounded by construction (and tested to be)."""
 
     name = "template"
+    identity = "template"
 
     def generate(self, facts: Facts) -> str:
         side = "above" if facts.above_threshold else "below"
-        head = (
-            f"User {facts.user_id} scores {_fmt(facts.score)}, {side} the alert threshold of "
-            f"{_fmt(facts.threshold)}"
-        )
-        if facts.percentile is not None:
-            head += f", higher than {_pct(facts.percentile)} of users"
+        score, threshold = _fmt_apart(facts.score, facts.threshold)
+        head = f"User {facts.user_id} scores {score}, {side} the alert threshold of {threshold}"
         scope = f"{facts.n_events:,} events"
         if facts.start is not None and facts.end is not None:
             scope += f" from {facts.start:%Y-%m-%d} to {facts.end:%Y-%m-%d}"
         sentences = [f"{head} ({scope}, model {facts.model_id})."]
+        if facts.percentile is not None:
+            # The percentile ranks the unsupervised score alone, not the score shown above.
+            p = _pct(facts.percentile)
+            sentences.append(
+                f"Its unsupervised percentile is {p}: more unusual than {p} of training users."
+            )
 
         if facts.top_events:
             parts = []
             for e in facts.top_events[:5]:
-                what = _top_field_phrase(e)
+                what = _top_field_phrase(e, facts)
                 why = f", driven by {what}" if what else ""
                 parts.append(f"{_when(e.ts)} {e.event_type} ({_pct(e.weight)}{why})")
             sentences.append("The events that weigh most: " + "; ".join(parts) + ".")
@@ -378,10 +460,12 @@ class TemplateNarrator:
                 ranked = sorted(x.users, key=lambda u: (u not in x.labels, u))
                 shown = ranked[:4]
                 who = ", ".join(f"{u} ({x.labels.get(u, 'unlabelled')})" for u in shown)
-                more = " including" if len(shown) < len(x.users) else ""
-                n = len(x.users)
+                n = x.total_users
+                more = " including" if len(shown) < n else ""
+                kind = _KIND_WORDS.get(x.kind, x.kind)
+                what = f"{kind} {x.value}" if _citable(x.value, facts) else f"a {kind}"
                 parts.append(
-                    f"{_KIND_WORDS.get(x.kind, x.kind)} {x.value} is shared with {n} other "
+                    f"{what} is shared with {n:,} other "
                     f"{'account' if n == 1 else 'accounts'}{more}: {who}"
                 )
             text = "; ".join(parts)
@@ -410,8 +494,15 @@ class HFLocalNarrator:
     device: str = "auto"
     max_new_tokens: int = 200
     name: str = field(default="hf-local", init=False)
+    # One instance serves every thread (the page keeps it in st.cache_resource): the weights
+    # load once, on first use, and generation runs one call at a time under this lock.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _loaded: tuple[Any, Any, Any] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def identity(self) -> str:
+        """What decides the text it writes (the summary cache keys on it)."""
+        return f"hf-local|{Path(self.model_dir).resolve()}|{self.device}|{self.max_new_tokens}"
 
     def _load(self) -> tuple[Any, Any, Any]:
         # transformers is imported here, not at module level: ~7 s that the template backend
@@ -488,18 +579,89 @@ def _max_positions(config: Any) -> int | None:
     return None
 
 
+_MAX_ANSWER_BYTES = 256 * 1024
+_SECRET_PARAM = re.compile(r"key|token|secret|pass|auth|sig|credential", re.IGNORECASE)
+
+
+def _safe_url(url: str) -> str:
+    """The URL without user:password@, query string or fragment: fit for messages and logs."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<invalid URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 @dataclass(eq=False)
 class OpenAICompatibleNarrator:
-    """POST {base_url}/chat/completions, temperature 0. stdlib urllib: no client dependency."""
+    """POST {base_url}/chat/completions, temperature 0. stdlib urllib: no client dependency.
 
-    base_url: str
+    ``timeout`` is a deadline for the whole request (connect, wait, read): the request runs in
+    a worker thread that the caller stops waiting for, and the worker reads the answer in
+    chunks, giving up past the deadline or past 256 KiB. The API key goes in the
+    Authorization header (user:password in the URL becomes Basic auth); messages carry the URL
+    without credentials or query string."""
+
+    base_url: str = field(repr=False)  # may hold credentials: __repr__ shows _safe_url
     model: str
     api_key: str | None = field(default=None, repr=False)  # never logged, never in repr
     timeout: float = 20.0
     max_tokens: int = 300
     name: str = field(default="openai-compatible", init=False)
 
+    def __repr__(self) -> str:
+        return (
+            f"OpenAICompatibleNarrator(base_url={_safe_url(self.base_url)!r}, "
+            f"model={self.model!r}, timeout={self.timeout!r}, max_tokens={self.max_tokens!r})"
+        )
+
+    @property
+    def identity(self) -> str:
+        """What decides the text it writes (the summary cache keys on it); never a secret."""
+        query = urllib.parse.parse_qsl(urllib.parse.urlsplit(self.base_url).query)
+        public = sorted((k, v) for k, v in query if not _SECRET_PARAM.search(k))
+        return (
+            f"openai-compatible|{_safe_url(self.base_url)}|{urllib.parse.urlencode(public)}|"
+            f"{self.model}|{self.max_tokens}"
+        )
+
+    def _endpoint(self) -> tuple[str, str | None]:
+        """The request URL (query kept: some servers take api-version there) and Basic auth
+        from user:password@, which urllib would otherwise read as a malformed port."""
+        parts = urllib.parse.urlsplit(self.base_url)
+        basic = None
+        if parts.username is not None:
+            pair = f"{urllib.parse.unquote(parts.username)}:"
+            pair += urllib.parse.unquote(parts.password or "")
+            basic = base64.b64encode(pair.encode()).decode("ascii")
+        netloc = parts.netloc.rpartition("@")[2]
+        path = parts.path.rstrip("/") + "/chat/completions"
+        return urllib.parse.urlunsplit((parts.scheme, netloc, path, parts.query, "")), basic
+
+    def _scrub(self, text: str) -> str:
+        """Whatever a lower layer put in a message, without the key, password or query."""
+        parts = urllib.parse.urlsplit(self.base_url)
+        secrets = [self.api_key, parts.password, parts.username, parts.query]
+        secrets += [v for _, v in urllib.parse.parse_qsl(parts.query)]
+        for secret in sorted({x for x in secrets if x and len(x) >= 3}, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
     def generate(self, facts: Facts) -> str:
+        try:
+            return self._generate(facts)
+        except NarratorError as exc:
+            scrubbed = self._scrub(str(exc))
+            if scrubbed == str(exc):
+                raise
+            raise type(exc)(scrubbed) from None
+
+    def _generate(self, facts: Facts) -> str:
         body = json.dumps(
             {
                 "model": self.model,
@@ -508,36 +670,87 @@ class OpenAICompatibleNarrator:
                 "max_tokens": self.max_tokens,
             }
         ).encode()
+        url, basic = self._endpoint()
+        shown = _safe_url(url)
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        url = self.base_url.rstrip("/") + "/chat/completions"
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+        elif basic:
+            headers["Authorization"] = f"Basic {basic}"
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
-                payload = json.loads(response.read().decode("utf-8"))
-        except TimeoutError as exc:  # socket.timeout is TimeoutError since 3.10
-            raise NarratorTimeout(f"timed out after {self.timeout:g} s") from exc
-        except urllib.error.HTTPError as exc:
-            raise NarratorError(f"HTTP {exc.code} from {url}") from exc
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, TimeoutError | socket.timeout):
-                raise NarratorTimeout(f"timed out after {self.timeout:g} s") from exc
-            raise NarratorError(f"cannot reach {url}: {exc.reason}") from exc
+            request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+        except ValueError:
+            raise NarratorError(f"invalid URL {shown}") from None
+        deadline = time.monotonic() + self.timeout
+        outcome: dict[str, Any] = {}
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                outcome["raw"] = self._fetch(request, deadline, shown)
+            except BaseException as exc:  # handed to the caller's thread
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        # A daemon worker: a server that drips bytes cannot hold the caller past the deadline;
+        # the worker itself stops at its next chunk or socket timeout.
+        threading.Thread(target=work, name="openai-compatible", daemon=True).start()
+        if not done.wait(self.timeout):
+            raise NarratorTimeout(f"timed out after {self.timeout:g} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        try:
+            payload = json.loads(outcome["raw"].decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise NarratorError(f"{url} did not answer with JSON") from exc
+            raise NarratorError(f"{shown} did not answer with JSON") from exc
         try:
             content = payload["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError) as exc:
             raise NarratorError("the answer has no choices[0].message.content") from exc
         return str(content or "").strip()
 
+    def _fetch(self, request: urllib.request.Request, deadline: float, shown: str) -> bytes:
+        timed_out = NarratorTimeout(f"timed out after {self.timeout:g} s")
+        try:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            with urllib.request.urlopen(request, timeout=remaining) as response:  # noqa: S310
+                declared = response.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > _MAX_ANSWER_BYTES:
+                    raise NarratorError(f"{shown} answered more than 256 KiB")
+                read = getattr(response, "read1", response.read)
+                chunks: list[bytes] = []
+                size = 0
+                while chunk := read(64 * 1024):
+                    size += len(chunk)
+                    if size > _MAX_ANSWER_BYTES:
+                        raise NarratorError(f"{shown} answered more than 256 KiB")
+                    if time.monotonic() > deadline:
+                        raise timed_out
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except TimeoutError as exc:  # socket.timeout is TimeoutError since 3.10
+            raise timed_out from exc
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            raise NarratorError(f"HTTP {exc.code} from {shown}") from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, TimeoutError | socket.timeout):
+                raise timed_out from exc
+            raise NarratorError(f"cannot reach {shown}: {exc.reason}") from None
+        except (OSError, ValueError, http_client.HTTPException) as exc:
+            raise NarratorError(f"connection to {shown} failed ({type(exc).__name__})") from None
+
 
 BACKENDS: tuple[str, ...] = ("template", "hf-local", "openai-compatible")
 
 
 def make_narrator(settings: Settings) -> Narrator:
-    """The backend the settings name (FRAUDLENS_LLM_BACKEND and friends)."""
+    """The backend the settings name (FRAUDLENS_LLM_BACKEND and friends).
+
+    Deterministic: equal settings give narrators with equal ``narrator_identity``. Each is
+    reusable and thread-safe, so a caller may keep one per settings (st.cache_resource); the
+    hf-local one loads its weights once, on first use."""
     backend = settings.llm_backend.strip().lower()
     if backend == "template":
         return TemplateNarrator()
@@ -560,478 +773,6 @@ def make_narrator(settings: Settings) -> Narrator:
     raise ValueError(
         f"unknown LLM backend {settings.llm_backend!r}; choose one of {', '.join(BACKENDS)}"
     )
-
-
-# -- grounding -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GroundingReport:
-    grounded: bool
-    problems: list[str]  # each names the offending token and why
-    cited: list[str]  # what the text cites and the fact it matched
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-_MONTHS = {m.lower(): i for i, m in enumerate(calendar.month_name) if m}
-_MONTHS.update({m.lower(): i for i, m in enumerate(calendar.month_abbr) if m})
-_MONTHS["sept"] = 9
-_WEEKDAYS = {d.lower(): i for i, d in enumerate(calendar.day_name)}
-_MONTH_RE = "|".join(sorted(_MONTHS, key=len, reverse=True))
-_SPELLED = {
-    "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
-    "ten": 10, "eleven": 11, "twelve": 12, "fifteen": 15, "twenty": 20,
-}  # fmt: skip
-# Event-type words that are also everyday English ("needs review", "in return"): they count as
-# an event-type claim only in an event context (quoted, or followed by "event(s)").
-_AMBIGUOUS_TYPES = {"view", "review", "return", "search", "payment"}
-# Prefixes that name an identifier in prose ("dev-12", "card_9f"), whatever the data's shapes.
-_ID_PREFIXES = "dev|device|card|user|usr|acct|account|sess|session|item|order|cust|customer|ip"
-_ID_FIELDS = {"device_id", "ip", "card_id", "payment_id", "session_id", "item_id"}
-
-_KEY = "field name"
-_B = r"(?<![\w.\-])"  # token start: not glued to a word, a decimal point or a hyphen
-_E = r"(?![\w\-]|\.\w)"  # token end
-
-
-@dataclass(frozen=True)
-class _Number:
-    value: float
-    source: str
-
-
-@dataclass
-class _Evidence:
-    strings: dict[str, str]  # lower-cased allowed string -> where it is in the facts
-    numbers: list[_Number]
-    times: list[datetime]
-    event_ids: set[int]
-    event_words: dict[str, str]  # allowed event-type word -> source
-    vocabulary: list[str]
-    shapes: list[tuple[re.Pattern[str], str]]  # id patterns seen in the facts -> what they name
-
-
-def _walk(value: Any, path: str) -> Iterator[tuple[str, Any]]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield _KEY, k  # a JSON key the text may echo ("score_without_top")
-            yield from _walk(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _walk(v, f"{path}[{i}]")
-    else:
-        yield path, value
-
-
-def _id_shape(value: str) -> re.Pattern[str] | None:
-    """'u000123' -> u\\d+, 'card_9f3a' -> card_[0-9a-f]+, 'dev-17' -> dev-\\d+."""
-    m = re.fullmatch(r"([A-Za-z]+[-_]?)([0-9A-Za-z]*\d[0-9A-Za-z]*)", value)
-    if m is None:
-        return None
-    prefix, body = m.groups()
-    if body.isdigit():
-        cls = r"\d+"
-    elif re.fullmatch(r"[0-9a-f]+", body):
-        cls = r"[0-9a-f]+"
-    else:
-        cls = r"[0-9A-Za-z]*\d[0-9A-Za-z]*"
-    return re.compile(_B + re.escape(prefix) + cls + _E, re.IGNORECASE)
-
-
-def _evidence(facts: Facts) -> _Evidence:
-    data = facts.to_dict()
-    data.pop("vocabulary", None)
-    strings: dict[str, str] = {}
-    numbers: list[_Number] = []
-    for path, value in _walk(data, ""):
-        if isinstance(value, bool) or value is None:
-            continue
-        if isinstance(value, int | float):
-            if math.isfinite(value):
-                numbers.append(_Number(float(value), path))
-        elif isinstance(value, str):
-            parsed = _parse_number(value)
-            if parsed is not None:
-                numbers.append(_Number(parsed, path))
-            elif value.strip():
-                strings.setdefault(value.strip().lower(), path)
-    strings.update({w.lower(): _KEY for w in _KIND_WORDS.values()})
-
-    times = [t for t in (facts.start, facts.end) if t is not None]
-    times += [e.ts for e in facts.top_events]
-    for t in times:
-        numbers.append(_Number(float(t.year), f"year of {t:%Y-%m-%d}"))
-
-    # Small counts and simple differences the facts imply (an analyst would say them too).
-    derived: list[tuple[float, str]] = [
-        (len(facts.top_events), "number of top events"),
-        (len(facts.linked), "number of shared entities"),
-        (len(facts.peer_stats), "number of peer statistics"),
-        (facts.score - facts.threshold, "score minus threshold"),
-    ]
-    all_linked = {u for x in facts.linked for u in x.users}
-    derived.append((len(all_linked), "number of linked users"))
-    labels = [lab for x in facts.linked for lab in x.labels.values()]
-    for lab in set(labels):
-        derived.append((labels.count(lab), f"linked users labelled {lab}"))
-    for x in facts.linked:
-        derived.append((len(x.users), f"users sharing {x.value}"))
-        derived.append((len(x.labels), f"labelled users sharing {x.value}"))
-        for lab in set(x.labels.values()):
-            derived.append((list(x.labels.values()).count(lab), f"{lab} users on {x.value}"))
-    cf = facts.counterfactual
-    if cf is not None:
-        derived.append((cf.score_before - cf.score_without_top, "score drop without top events"))
-        derived.append((cf.score_before - cf.score_without_random, "score drop, random events"))
-        if cf.score_before > 0:
-            derived.append(
-                ((cf.score_before - cf.score_without_top) / cf.score_before, "relative drop")
-            )
-            derived.append(
-                (
-                    (cf.score_before - cf.score_without_random) / cf.score_before,
-                    "relative drop, random events",
-                )
-            )
-    if facts.peer_stats:
-        derived.append((95.0, "the population's 95th percentile"))
-    for p in facts.peer_stats:
-        if p.population_median > 0:
-            derived.append((p.user_value / p.population_median, f"{p.name} vs median"))
-    if facts.percentile is not None:
-        derived.append((1 - facts.percentile, "share of users above (top x%)"))
-    if facts.start is not None and facts.end is not None:
-        derived.append(((facts.end - facts.start).total_seconds() / 86400, "days in the range"))
-    # "two minutes apart", "within an hour": gaps between the top events as the text may say.
-    stamps = sorted(e.ts for e in facts.top_events)
-    gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:], strict=False)]
-    if stamps:
-        gaps.append((stamps[-1] - stamps[0]).total_seconds())
-    for gap in gaps:
-        derived += [(gap, "seconds between top events"), (gap / 60, "minutes between top events")]
-        derived.append((gap / 3600, "hours between top events"))
-    numbers += [_Number(float(v), s) for v, s in derived if math.isfinite(v)]
-
-    vocabulary = list(facts.vocabulary or DEMO_EVENT_TYPES)
-    event_words: dict[str, str] = {}
-    for e in facts.top_events:
-        event_words.setdefault(e.event_type.lower(), f"event {e.event_id}")
-        for part in re.split(r"[_\-\s]+", e.event_type.lower()):
-            event_words.setdefault(part, f"part of {e.event_type}")
-        vocabulary.append(e.event_type)
-    for name in [p.name for p in facts.peer_stats] + [e.top_field for e in facts.top_events]:
-        for part in re.split(r"[_\-\s]+", name.lower()):
-            event_words.setdefault(part, f"in {name!r}")
-
-    shapes: list[tuple[re.Pattern[str], str]] = []
-    id_values: list[tuple[str, str]] = [(facts.user_id, "user id")]
-    id_values += [(u, "user id") for u in all_linked]
-    id_values += [(x.value, _KIND_WORDS.get(x.kind, x.kind)) for x in facts.linked]
-    for e in facts.top_events:
-        id_values += [(v, k) for k, v in e.fields.items() if k in _ID_FIELDS]
-    for value, what in id_values:
-        shape = _id_shape(value)
-        if shape is not None and shape.pattern not in {s.pattern for s, _ in shapes}:
-            shapes.append((shape, what))
-    return _Evidence(
-        strings=strings,
-        numbers=numbers,
-        times=times,
-        event_ids={e.event_id for e in facts.top_events},
-        event_words=event_words,
-        vocabulary=sorted(set(vocabulary), key=len, reverse=True),
-        shapes=shapes,
-    )
-
-
-def _parse_number(text: str) -> float | None:
-    t = text.strip().replace(",", "")
-    if not re.fullmatch(r"[-+]?\d+(\.\d+)?", t):
-        return None
-    return float(t)
-
-
-def _number_unit(digits: str) -> tuple[float, int]:
-    """The rounding unit a written number implies, and its count of significant digits:
-    '0.94' -> (0.01, 2); '1299.00' -> (0.01, 6); '90' -> (1, 2); '1,300' -> (100, 2).
-    Trailing zeros of a whole number count as rounding only from 1,000 up ("90" means 90)."""
-    digits = digits.replace(",", "")
-    if "." in digits:
-        whole, frac = digits.split(".")
-        return 10.0 ** -len(frac), max(len((whole + frac).lstrip("0")), 1)
-    stripped = digits.lstrip("0") or "0"
-    zeros = len(stripped) - len(stripped.rstrip("0")) if len(stripped) >= 4 else 0
-    return 10.0**zeros, max(len(stripped) - zeros, 1)
-
-
-def _matches(x: float, unit: float, sig: int, decimals: int, v: float) -> bool:
-    """x as written (with its rounding unit) is v rounded. A one-digit figure must also be
-    within 5%: '1' is not 0.94, though '0.9' is."""
-    diff = abs(abs(x) - abs(v))
-    if diff <= 1e-9 * max(1.0, abs(v)):
-        return True
-    if diff > unit / 2 + 1e-9 * max(1.0, abs(v)):
-        return False
-    return sig >= 2 or decimals >= 2 or diff <= 0.05 * abs(v)
-
-
-class _Scanner:
-    """Walks the text once per token kind, masking what it has judged so later, looser
-    patterns (bare numbers) never see the digits inside an id, an IP or a time."""
-
-    def __init__(self, text: str, ev: _Evidence) -> None:
-        self.text = text
-        self.ev = ev
-        self.problems: list[str] = []
-        self.cited: list[str] = []
-
-    def take(self, pattern: str | re.Pattern[str], judge: Any, flags: int = 0) -> None:
-        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern, flags)
-        for m in list(regex.finditer(self.text)):
-            judge(m)
-            # Same length, no word characters: later patterns neither see nor straddle it.
-            self.text = (
-                self.text[: m.start()] + "\x00" * (m.end() - m.start()) + self.text[m.end() :]
-            )
-
-    def ok(self, token: str, source: str) -> None:
-        if source == _KEY:
-            return
-        entry = f"{token} = {source}"
-        if entry not in self.cited:
-            self.cited.append(entry)
-
-    def bad(self, token: str, why: str) -> None:
-        entry = f"{token!r}: {why}"
-        if entry not in self.problems:
-            self.problems.append(entry)
-
-    # -- numbers --
-
-    def number(
-        self, token: str, value: float, unit: float, sig: int, decimals: int, scale: str
-    ) -> None:
-        """scale: "" for a bare figure, "%" for a percentage, "th" for an ordinal ("99th
-        percentile"). Only the last two may read a share (0.94) as a hundredth (94): a bare
-        94 against any share would let most small integers through."""
-        exact = [n for n in self.ev.numbers if abs(n.value - value) < 1e-9]
-        for n in exact + self.ev.numbers:
-            if scale and _matches(value / 100, unit / 100, sig, decimals + 2, n.value):
-                self.ok(token, n.source)
-                return
-            # A percentage may also be a statistic already kept in percent (above 1.5).
-            direct = scale != "%" or abs(n.value) > 1.5
-            if direct and _matches(value, unit, sig, decimals, n.value):
-                self.ok(token, n.source)
-                return
-        self.bad(token, "number not in the facts")
-
-
-def _in_facts_time(ev: _Evidence, **parts: int) -> datetime | None:
-    for t in ev.times:
-        if all(getattr(t, k) == v for k, v in parts.items()):
-            return t
-    return None
-
-
-def check_grounding(text: str, facts: Facts) -> GroundingReport:
-    """Is every number, date, time, event type, user id and entity in ``text`` in the facts?"""
-    ev = _evidence(facts)
-    s = _Scanner(text, ev)
-
-    # 1. Literal strings of the facts (ids, entity values, labels, field values, model id).
-    for value in sorted(ev.strings, key=len, reverse=True):
-        if len(value) < 2:
-            continue
-        pattern = r"(?<![\w.])" + re.escape(value) + r"(?![\w]|\.\d)"
-        s.take(pattern, lambda m, v=value: s.ok(m.group(0), ev.strings[v]), re.IGNORECASE)
-
-    # 2. Event references: "event 123456", "event id 123456", "#123456" (not "event 2024-03-05").
-    def event_ref(m: re.Match[str]) -> None:
-        if int(m.group(1)) in ev.event_ids:
-            s.ok(m.group(0), "event id")
-        else:
-            s.bad(m.group(0), "event id not among the facts' events")
-
-    not_a_date = r"\b(?![-:./]\d)"
-    event_word = r"\bevent(?:[ _-]?id)?\s*(?:#|no\.|number)?\s*(\d+)"
-    s.take(event_word + not_a_date, event_ref, re.IGNORECASE)
-    s.take(r"(?<![\w&])#(\d+)" + not_a_date, event_ref)
-
-    # 3. Identifiers: IP addresses, the id shapes present in the facts, generic id shapes.
-    s.take(
-        _B + r"(?:\d{1,3}\.){3}\d{1,3}" + _E,
-        lambda m: s.bad(m.group(0), "IP address not in the facts"),
-    )
-    s.take(
-        r"(?<![\w:])(?=[0-9a-f:]*[a-f][0-9a-f:]*|[0-9a-f:]*::)(?:[0-9a-f]{0,4}:){2,7}[0-9a-f]{1,4}"
-        r"(?![\w:])",
-        lambda m: s.bad(m.group(0), "IP address not in the facts"),
-        re.IGNORECASE,
-    )
-    for shape, what in ev.shapes:
-        s.take(shape, lambda m, w=what: s.bad(m.group(0), f"{w} not in the facts"))
-    s.take(
-        _B + rf"(?:{_ID_PREFIXES})[-_#]?[0-9a-f]*\d[0-9a-f]*" + _E,
-        lambda m: s.bad(m.group(0), "identifier not in the facts"),
-        re.IGNORECASE,
-    )
-    s.take(
-        _B + r"(?!(?:top|last|first|next|past|over|under|p)[-_]?\d)[A-Za-z]{1,12}[-_]?\d{3,}" + _E,
-        lambda m: s.bad(m.group(0), "identifier not in the facts"),
-    )
-
-    # 4. Event types: the data's vocabulary, and anything snake_case.
-    for etype in ev.vocabulary:
-        words = [re.escape(w) for w in re.split(r"[_\-\s]+", etype.lower()) if w]
-        if not words:
-            continue
-        pattern = r"(?<![\w])['\"`]?" + r"[_\-\s]?".join(words) + r"(?:s|es|d|ed|ing)?['\"`]?"
-        pattern += r"(?![\w])(\s+events?\b)?"
-        s.take(pattern, _event_type_judge(s, ev, etype), re.IGNORECASE)
-    s.take(
-        r"(?<![\w])[a-z]+(?:_[a-z0-9]+)+(?![\w])",
-        lambda m: s.bad(m.group(0), "looks like an event type or field not in the facts"),
-    )
-
-    # 5. Dates and times.
-    def iso(m: re.Match[str]) -> None:
-        y, mo, d = int(m.group(1)), int(m.group(2)), int(m.group(3))
-        parts = {"year": y, "month": mo, "day": d}
-        if m.group(4) is not None:
-            parts |= {"hour": int(m.group(4)), "minute": int(m.group(5))}
-            if m.group(6) is not None:
-                parts["second"] = int(m.group(6))
-        hit = _in_facts_time(ev, **parts)
-        if hit:
-            s.ok(m.group(0), f"time {hit.isoformat()}")
-        else:
-            s.bad(m.group(0), "date/time matches no time in the facts")
-
-    s.take(r"\b(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{1,2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?)?\b", iso)
-
-    def named_date(m: re.Match[str]) -> None:
-        g = m.groupdict()
-        parts = {"month": _MONTHS[(g["m1"] or g["m2"]).lower().rstrip(".")]}
-        day = g["d1"] or g["d2"]
-        if day:
-            parts["day"] = int(day)
-        if g["y"]:
-            parts["year"] = int(g["y"])
-        hit = _in_facts_time(ev, **parts)
-        if hit:
-            s.ok(m.group(0), f"date {hit:%Y-%m-%d}")
-        else:
-            s.bad(m.group(0), "date matches no time in the facts")
-
-    month = rf"(?:{_MONTH_RE})\.?"
-    s.take(
-        rf"\b(?:(?P<m1>{month})\s+(?P<d1>\d{{1,2}})(?:st|nd|rd|th)?\b"
-        rf"|(?P<d2>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?(?P<m2>{month}))"
-        r"(?:,?\s+(?P<y>\d{4})\b)?",
-        named_date,
-        re.IGNORECASE,
-    )
-    s.take(
-        rf"\b(?P<m1>(?:{_MONTH_RE})\.?)\s+(?P<y>\d{{4}})\b(?P<m2>)(?P<d1>)(?P<d2>)",
-        named_date,
-        re.IGNORECASE,
-    )
-    # A capitalised month name alone ("in April"); "May" and "March" are also English words.
-    s.take(
-        r"\b(?P<m1>January|February|April|June|July|August|September|October|November|"
-        r"December)\b(?P<m2>)(?P<d1>)(?P<d2>)(?P<y>)",
-        named_date,
-    )
-
-    def slash_date(m: re.Match[str]) -> None:
-        a, b = int(m.group(1)), int(m.group(2))
-        year = {"year": int(m.group(3))} if m.group(3) and len(m.group(3)) == 4 else {}
-        hit = _in_facts_time(ev, month=a, day=b, **year) or _in_facts_time(
-            ev, month=b, day=a, **year
-        )
-        if hit:
-            s.ok(m.group(0), f"date {hit:%Y-%m-%d}")
-        else:
-            s.bad(m.group(0), "date matches no time in the facts")
-
-    s.take(r"(?<![\w/.])(\d{1,2})/(\d{1,2})(?:/(\d{4}|\d{2}))?(?![\w/])", slash_date)
-
-    def weekday(m: re.Match[str]) -> None:
-        day = _WEEKDAYS[m.group(0).lower().rstrip("s")]
-        hit = next((t for t in ev.times if t.weekday() == day), None)
-        if hit:
-            s.ok(m.group(0), f"weekday of {hit:%Y-%m-%d}")
-        else:
-            s.bad(m.group(0), "weekday matches no date in the facts")
-
-    s.take(r"\b(?:" + "|".join(_WEEKDAYS) + r")s?\b", weekday, re.IGNORECASE)
-
-    def clock(m: re.Match[str]) -> None:
-        hour, minute = int(m.group(1)), m.group(2)
-        ampm = (m.group(4) or "").lower().replace(".", "")
-        if ampm == "pm" and hour < 12:
-            hour += 12
-        if ampm == "am" and hour == 12:
-            hour = 0
-        parts = {"hour": hour}
-        if minute:
-            parts["minute"] = int(minute)
-            if m.group(3):
-                parts["second"] = int(m.group(3))
-        hit = _in_facts_time(ev, **parts)
-        if hit:
-            s.ok(m.group(0), f"time {hit.isoformat()}")
-        else:
-            s.bad(m.group(0), "time of day matches no time in the facts")
-
-    s.take(
-        r"(?<![\w:.])(\d{1,2}):(\d{2})(?::(\d{2}))?(?:\s*([ap]\.?m\.?)(?![\w]))?(?![\w:])",
-        clock,
-        re.IGNORECASE,
-    )
-    s.take(r"(?<![\w:.])(\d{1,2})()()\s*([ap]\.?m\.?)(?![\w])", clock, re.IGNORECASE)
-
-    # 6. Numbers: digits (with separators, decimals, %, ordinals) and spelled-out counts.
-    def digits(m: re.Match[str]) -> None:
-        raw, suffix = m.group(1), (m.group(2) or "").strip().lower()
-        unit, sig = _number_unit(raw)
-        decimals = len(raw.split(".")[1]) if "." in raw else 0
-        value = float(raw.replace(",", ""))
-        scale = "%" if suffix in ("%", "percent") else ("th" if suffix else "")
-        s.number(m.group(0).strip(), value, unit, sig, decimals, scale)
-
-    s.take(
-        r"(?<![\w.])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)"
-        r"(\s?%|\s?percent\b|(?:st|nd|rd|th)\b)?",
-        digits,
-        re.IGNORECASE,
-    )
-    s.take(
-        r"\b(" + "|".join(_SPELLED) + r")\b",
-        lambda m: s.number(m.group(0), float(_SPELLED[m.group(1).lower()]), 1.0, 1, 0, ""),
-        re.IGNORECASE,
-    )
-    return GroundingReport(grounded=not s.problems, problems=s.problems, cited=s.cited)
-
-
-def _event_type_judge(s: _Scanner, ev: _Evidence, etype: str) -> Any:
-    key = etype.lower()
-
-    def judge(m: re.Match[str]) -> None:
-        token = m.group(0).strip()
-        words = [w for w in re.split(r"[_\-\s]+", key) if w]
-        if key in ev.event_words or (len(words) == 1 and words[0] in ev.event_words):
-            s.ok(token, ev.event_words.get(key) or ev.event_words[words[0]])
-            return
-        quoted = token[:1] in "'\"`"
-        if key in _AMBIGUOUS_TYPES and not (quoted or m.group(1)):
-            return  # everyday English ("needs review"), not a claim about an event
-        s.bad(token, "event type not among the facts' events")
-
-    return judge
 
 
 # -- narrate -------------------------------------------------------------------------------------
@@ -1059,11 +800,28 @@ class Summary:
         return out
 
 
-CacheKey = tuple[str, str, datetime | None, datetime | None, str]
+def narrator_identity(narrator: Narrator | str) -> str:
+    """The backend and what decides its text (model directory, endpoint and model name), never
+    a credential. A backend without an ``identity`` attribute is known by its name."""
+    if isinstance(narrator, str):
+        return narrator
+    return str(getattr(narrator, "identity", None) or narrator.name)
+
+
+def facts_digest(facts: Facts) -> str:
+    """A stable hash of everything the facts say (threshold, labels, events...)."""
+    text = json.dumps(facts.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# (model, user, start, end, narrator identity, facts digest)
+CacheKey = tuple[str, str, datetime | None, datetime | None, str, str]
 
 
 class SummaryCache:
-    """Thread-safe bounded LRU of summaries, keyed by (model, user, range, backend)."""
+    """Thread-safe bounded LRU of summaries, keyed by (model, user, range, narrator identity,
+    facts digest): a changed threshold or label, or another model or endpoint behind the same
+    backend name, is a new summary."""
 
     def __init__(self, maxsize: int = 256) -> None:
         if maxsize < 1:
@@ -1073,8 +831,15 @@ class SummaryCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(facts: Facts, backend: str) -> CacheKey:
-        return (facts.model_id, facts.user_id, facts.start, facts.end, backend)
+    def key(facts: Facts, narrator: Narrator | str) -> CacheKey:
+        return (
+            facts.model_id,
+            facts.user_id,
+            facts.start,
+            facts.end,
+            narrator_identity(narrator),
+            facts_digest(facts),
+        )
 
     def get(self, key: CacheKey) -> Summary | None:
         with self._lock:
@@ -1102,7 +867,7 @@ class SummaryCache:
 def narrate(facts: Facts, narrator: Narrator, *, cache: SummaryCache | None = None) -> Summary:
     """A summary the page can show as is: the backend's text when grounded; flagged with the
     template beside it when not; the template with a message when the backend fails."""
-    key = SummaryCache.key(facts, narrator.name)
+    key = SummaryCache.key(facts, narrator)
     if cache is not None and (hit := cache.get(key)) is not None:
         return hit
     template = TemplateNarrator()

@@ -34,7 +34,7 @@ LLM_VARS = (
 JSON_KEYS = {"facts", "attribution", "field_totals", "counterfactual", "method", "summary"}
 COUNTERFACTUAL_LINE = re.compile(
     r"(On the explained window of \d+ events: w|W)ithout these \d+ events? "
-    r"the score (falls|rises) from \d\.\d\d to \d\.\d\d; "
+    r"the score ((falls|rises) from \d\.\d{2,3} to \d\.\d{2,3}|stays at \d\.\d\d); "
     r"without \d+ random events? it (stays at|falls to|rises to) \d\.\d\d\."
 )
 

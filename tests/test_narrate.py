@@ -35,6 +35,7 @@ from core.narrate import (
     counterfactual_sentence,
     make_narrator,
     narrate,
+    narrator_identity,
 )
 from core.schema import DEMO_EVENT_TYPES
 
@@ -151,6 +152,50 @@ HALLUCINATIONS = {
     "invented event type": ("A refund_request followed the purchase.", "refund_request"),
     "event type not in the facts": ("Several coupon redeem events came first.", "coupon redeem"),
     "event type word in event context": ("A review event preceded it.", "review"),
+    # A label, a threshold side or an event time said of the wrong thing.
+    "labels swapped between users": (
+        "Device d0012 is shared with u0019, labelled fraud, and u0007, labelled legit.",
+        "u0019",
+    ),
+    "label in parentheses on the wrong user": ("It shares d0012 with u0019 (fraud).", "u0019"),
+    "unlabelled user said to be labelled": ("u0033 is labelled legit.", "u0033"),
+    "score on the wrong side of the threshold": (
+        "The score of 0.94 is below the threshold.",
+        "below the threshold",
+    ),
+    "threshold said not to be exceeded": (
+        "The score does not exceed the alert threshold.",
+        "exceed the alert threshold",
+    ),
+    "time of another event": ("The login at 14:22 came from a new device.", "login at 14:22"),
+    # Everyday words used as event claims, and common fraud events the facts lack.
+    "payment after an article": ("A payment followed the purchase.", "payment"),
+    "made a return": ("The user then made a return.", "return"),
+    "plural returns": ("There were three returns before it.", "returns"),
+    "refund": ("A refund followed the purchase.", "refund"),
+    "chargeback": ("A chargeback came next.", "chargeback"),
+    "password reset": ("A password reset preceded the login.", "password reset"),
+    "gift card purchase": ("The gift card purchase at 14:22 stands out.", "gift card purchase"),
+    # Entities beyond ids.
+    "country code": ("The login came from RU.", "RU"),
+    "country name": ("The purchase was made from Brazil.", "Brazil"),
+    "email": ("The account uses jane.doe@example.com.", "jane.doe@example.com"),
+    "url": ("See https://evil.example/x for details.", "https://evil.example/x"),
+    "id after a kind word": ("It also used device x7f3k.", "x7f3k"),
+    "numeric account id": ("It is linked to account 42.", "account 42"),
+    # Numbers in other clothes.
+    "scaled amount": ("A purchase of $1.5k stands out.", "$1.5k"),
+    "millions": ("It spent 2 million on electronics.", "2 million"),
+    "compound spelled number": ("There were twenty-one logins.", "twenty-one"),
+    "event id without the word event": ("#9001 weighs most.", "9001"),
+    "time gap without a unit": ("A gap of 125 separates the login and the purchase.", "125"),
+    "amount that is not a price": ("It paid 212 for electronics.", "212"),
+    # Dates and times in other formats.
+    "slashed date": ("On 2024/03/07 the user bought electronics.", "2024/03/07"),
+    "dotted date": ("On 07.03.2024 the user bought electronics.", "07.03.2024"),
+    "midnight": ("At midnight the user bought electronics.", "midnight"),
+    "yesterday": ("Yesterday the user bought electronics.", "Yesterday"),
+    "last night": ("Last night the user bought electronics.", "Last night"),
 }
 
 
@@ -178,6 +223,15 @@ PARAPHRASES = [
     "failed payment). Its purchase share is 0.1 (median 0.2), so purchases are not unusual.",
     "The score is 94%, in the 99th percentile; the model tiny-20241122-101500-123456 flags it.",
     "It sits in the top 1% of users; the login came two minutes before the purchase.",
+    "Device d0012 is shared with u0019, labelled legit, and u0007, a known fraudster; u0033 is "
+    "unlabelled and u0019 is not fraud.",
+    "The score of 0.94 is above the alert threshold; without the top 3 events it falls to 0.21, "
+    "below the threshold.",
+    "The login at 14:20 was followed by the purchase at 14:22 and the failed payment at 14:23.",
+    "The login and the purchase came from DE (Germany) on 2024/03/05 (05.03.2024), 125 seconds "
+    "apart, over a range of 20 days.",
+    "It spent $1.3k on electronics across two hundred and twelve events. The case needs review "
+    "before the payment method is blocked; in return the analyst keeps the evidence.",
 ]
 
 
@@ -197,15 +251,60 @@ def test_rounding_is_tolerated_but_not_stretched() -> None:
     assert not report.grounded and "'1'" in report.problems[0]
 
 
-def test_vocabulary_of_the_data_is_used_for_event_types() -> None:
+def test_event_types_the_data_lacks_are_claims_too() -> None:
     text = "A chargeback followed the purchase."
-    assert check_grounding(text, FACTS).grounded  # not a demo event type: unknown word
-    facts = make_facts(vocabulary=("purchase", "chargeback"))
-    report = check_grounding(text, facts)
-    assert not report.grounded and "chargeback" in report.problems[0]
+    # Neither a demo event type nor in the data's vocabulary: still an event the facts lack.
+    for facts in (FACTS, make_facts(vocabulary=("purchase", "chargeback"))):
+        report = check_grounding(text, facts)
+        assert not report.grounded and "chargeback" in report.problems[0]
+    pays = make_facts(vocabulary=("purchase", "payment", "chargeback"))
+    assert check_grounding("The payment method is new; it needs review.", pays).grounded
+
+
+def test_only_whole_event_types_are_whitelisted() -> None:
+    failed = replace(FACTS.top_events[1], event_type="login_failed")
+    facts = make_facts(top_events=(FACTS.top_events[0], failed))
+    assert check_grounding("A failed login came before the purchase.", facts).grounded
+    assert check_grounding("The login_failed event came first.", facts).grounded
+    report = check_grounding("The login came before the purchase.", facts)
+    assert not report.grounded and "'login'" in report.problems[0]
+    report = check_grounding("Three logins came first.", facts)
+    assert not report.grounded and "'logins'" in report.problems[-1]
+
+
+def test_logged_free_text_whitelists_whole_tokens_only() -> None:
+    odd = "toys refund u0999 at 03:00"  # a category as the logs might carry it
+    event = replace(FACTS.top_events[0], fields={**FACTS.top_events[0].fields, "category": odd})
+    event = replace(event, top_field="category")
+    facts = make_facts(top_events=(event, *FACTS.top_events[1:]))
+    report = check_grounding(f"It bought {odd}.", facts)
+    assert not report.grounded
+    for token in ("refund", "u0999", "03:00"):
+        assert any(token in p for p in report.problems), report.problems
+    assert check_grounding("It bought electronics with card card_9f3a0b12.", FACTS).grounded
+    # The template does not quote such text either, and stays grounded.
+    text = TemplateNarrator().generate(facts)
+    assert odd not in text and "purchase (41%, driven by category)" in text
+    assert check_grounding(text, facts).grounded
 
 
 # -- template -----------------------------------------------------------------------------------
+
+
+def test_counterfactual_sentence_says_stays_at_and_keeps_close_scores_apart() -> None:
+    assert counterfactual_sentence(CounterfactualFact(3, 0.5, 0.5, 0.5)) == (
+        "Without these 3 events the score stays at 0.50; without 3 random events it stays at 0.50."
+    )
+    assert counterfactual_sentence(CounterfactualFact(2, 0.5001, 0.4998, 0.5)).startswith(
+        "Without these 2 events the score stays at 0.50;"
+    )
+    close = CounterfactualFact(3, 0.504, 0.501, 0.2)
+    sentence = counterfactual_sentence(close)
+    assert sentence == (
+        "Without these 3 events the score falls from 0.504 to 0.501; "
+        "without 3 random events it falls to 0.20."
+    )
+    assert check_grounding(sentence, make_facts(score=0.504, counterfactual=close)).grounded
 
 
 def test_counterfactual_sentence_shape() -> None:
@@ -225,7 +324,9 @@ def test_counterfactual_sentence_shape() -> None:
 def test_template_says_what_an_analyst_needs() -> None:
     text = TemplateNarrator().generate(FACTS)
     assert text.startswith("User u0042 scores 0.94, above the alert threshold of 0.80")
-    assert "higher than 99% of users" in text
+    # The percentile ranks the unsupervised score, not the (combined) score beside it.
+    assert "Its unsupervised percentile is 99%: more unusual than 99% of training users." in text
+    assert "higher than" not in text
     assert "2024-03-05 14:22 purchase (41%, driven by price 1299.00)" in text
     assert "login (22%, driven by new device d0012)" in text
     assert counterfactual_sentence(FACTS.counterfactual) in text
@@ -233,6 +334,35 @@ def test_template_says_what_an_analyst_needs() -> None:
     assert "events per active day is 41.33 (median 4.20, 95th percentile 12)" in text
     assert "purchase share" not in text  # within range: not worth a sentence
     assert check_grounding(text, FACTS).grounded
+
+
+def test_prompt_names_the_unsupervised_percentile() -> None:
+    user = build_prompt(FACTS)[1]["content"]
+    assert "unsupervised percentile: 99% (its behaviour is more unusual than 99% of" in user
+    assert "of users score lower" not in user
+    assert "unsupervised percentile" in build_prompt(FACTS)[0]["content"]
+
+
+def test_template_keeps_a_score_and_threshold_that_round_alike_apart() -> None:
+    text = TemplateNarrator().generate(make_facts(score=0.4996, threshold=0.5))
+    assert "scores 0.4996, below the alert threshold of 0.5000" in text
+
+
+def test_linked_entity_total_users() -> None:
+    many = LinkedEntity("ip", "10.1.2.3", ("u0007", "u0019"), {"u0007": "fraud"}, n_users=30)
+    facts = make_facts(linked=(many,))
+    text = TemplateNarrator().generate(facts)
+    assert "IP 10.1.2.3 is shared with 30 other accounts including: u0007 (fraud)" in text
+    assert check_grounding(text, facts).grounded
+    assert "30 other users in all" in build_prompt(facts)[1]["content"]
+    data = json.loads(json.dumps(facts.to_dict()))
+    assert data["linked"][0]["n_users"] == 30 and Facts.from_dict(data) == facts
+    del data["linked"][0]["n_users"]  # a kept explanation from before the field existed
+    old = Facts.from_dict(data).linked[0]
+    assert old.n_users is None and old.total_users == 2
+    assert "shared with 2 other accounts:" in TemplateNarrator().generate(
+        replace(facts, linked=(old,))
+    )
 
 
 ids = st.integers(0, 99_999)
@@ -248,7 +378,11 @@ FIELD_LABELS += ["new IP", "new country", "new card", ""]
 @st.composite
 def event_fields(draw: st.DrawFn) -> dict[str, str]:
     every = {
-        "category": draw(st.sampled_from(["electronics", "gift cards", "toys", "fashion"])),
+        "category": draw(
+            st.sampled_from(
+                ["electronics", "gift cards", "toys", "home & garden", "Brazil nuts", "refund 7"]
+            )
+        ),
         "price": f"{draw(amount):.2f}",
         "device_id": f"d{draw(ids):04d}",
         "ip": ".".join(str(draw(st.integers(1, 254))) for _ in range(4)),
@@ -283,7 +417,8 @@ def random_facts(draw: st.DrawFn) -> Facts:
             kind, f"card_{draw(ids):08x}"
         )
         labels = {u: draw(st.sampled_from(["fraud", "legit", "unsure"])) for u in labelled}
-        linked.append(LinkedEntity(kind, value, names, labels))
+        total = draw(st.none() | st.integers(len(names), len(names) + 500))
+        linked.append(LinkedEntity(kind, value, names, labels, total))
     peers = tuple(
         PeerStat(name, draw(amount), draw(amount), draw(amount))
         for name in draw(
@@ -368,6 +503,30 @@ def test_grounded_backend_text_is_shown_as_is_and_cached() -> None:
     assert narrator.calls == 4
 
 
+def test_cache_keys_on_the_facts_and_on_which_model_or_endpoint_wrote() -> None:
+    cache = SummaryCache()
+    template = TemplateNarrator()
+    first = narrate(FACTS, template, cache=cache)
+    assert narrate(make_facts(), template, cache=cache) is first
+    stricter = narrate(make_facts(threshold=0.95), template, cache=cache)
+    assert "below the alert threshold of 0.95" in stricter.text
+    relabelled = replace(FACTS.linked[0], labels={"u0007": "legit", "u0019": "legit"})
+    summary = narrate(make_facts(linked=(relabelled,)), template, cache=cache)
+    assert "u0007 (legit)" in summary.text and "u0007 (fraud)" in first.text
+    assert len(cache) == 3
+
+    # Two endpoints behind one backend name: separate entries; a secret is no part of a key.
+    a = OpenAICompatibleNarrator("http://h:1/v1?api-version=2&api-key=SECRET", "m1", "sk-1")
+    b = OpenAICompatibleNarrator("http://h:1/v1?api-version=2&api-key=SECRET", "m2", "sk-1")
+    ka, kb = SummaryCache.key(FACTS, a), SummaryCache.key(FACTS, b)
+    assert ka != kb and ka == SummaryCache.key(FACTS, replace(a, api_key="sk-2"))
+    assert "api-version=2" in repr(ka)
+    for secret in ("SECRET", "sk-1"):
+        assert secret not in repr(ka)
+    hf = SummaryCache.key(FACTS, HFLocalNarrator("/models/a"))
+    assert hf != SummaryCache.key(FACTS, HFLocalNarrator("/models/b"))
+
+
 def test_ungrounded_text_is_flagged_with_the_template_beside_it() -> None:
     text = "u0042 scores 0.97 after a purchase at 14:25 on device d0099."
     summary = narrate(FACTS, FixedNarrator("hf-local", text))
@@ -440,6 +599,10 @@ def test_settings_reach_the_narrator(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.setenv("FRAUDLENS_DEVICE", "cpu")
     hf = make_narrator(Settings())
     assert isinstance(hf, HFLocalNarrator) and (Path(hf.model_dir), hf.device) == (tmp_path, "cpu")
+    # Deterministic, so a page may keep one narrator per settings (st.cache_resource).
+    assert narrator_identity(make_narrator(Settings())) == narrator_identity(hf)
+    assert narrator_identity(make_narrator(settings_)) == narrator_identity(narrator)
+    assert "sk-secret" not in narrator_identity(narrator)
     monkeypatch.setenv("FRAUDLENS_LLM_BACKEND", "gpt-magic")
     with pytest.raises(ValueError, match="unknown LLM backend 'gpt-magic'"):
         make_narrator(Settings())
@@ -459,6 +622,7 @@ class StubServer:
         self.answer = ""
         self.delay = 0.0
         self.status = 200
+        self.drip = 0.0  # seconds between single bytes of the body, when set
         self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
         stub = self
 
@@ -474,7 +638,12 @@ class StubServer:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    if not stub.drip:
+                        self.wfile.write(data)
+                    for i in range(len(data) if stub.drip else 0):
+                        self.wfile.write(data[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(stub.drip)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
 
@@ -544,6 +713,46 @@ def test_openai_compatible_timeout_and_http_error_fall_back(stub: StubServer) ->
     assert "HTTP 500" in summary.message and "sk-hidden" not in summary.message
 
 
+def test_openai_compatible_deadline_holds_against_a_dripping_server(stub: StubServer) -> None:
+    stub.answer, stub.drip = PARAPHRASES[0], 0.05  # each read returns within the timeout
+    started = time.perf_counter()
+    summary = narrate(FACTS, OpenAICompatibleNarrator(stub.url, "m", timeout=0.5))
+    assert time.perf_counter() - started < 1.5
+    assert summary.backend == "template" and summary.message == (
+        "openai-compatible timed out after 0.5 s; showing the template summary."
+    )
+
+
+def test_openai_compatible_caps_the_answer(stub: StubServer) -> None:
+    stub.answer = "x" * 300_000
+    summary = narrate(FACTS, OpenAICompatibleNarrator(stub.url, "m"))
+    assert summary.backend == "template" and summary.message
+    assert "answered more than 256 KiB" in summary.message
+
+
+def test_openai_compatible_messages_carry_no_credentials(stub: StubServer) -> None:
+    stub.status = 500
+    narrator = OpenAICompatibleNarrator(stub.url + "?api-key=SECRET", "m")
+    summary = narrate(FACTS, narrator)
+    assert summary.message and f"HTTP 500 from {stub.url}/chat/completions)" in summary.message
+    assert "SECRET" not in summary.message and "SECRET" not in repr(narrator)
+    assert stub.requests[-1][0] == "/v1/chat/completions?api-key=SECRET"  # still sent
+
+    # user:password@ becomes Basic auth; neither appears in a message.
+    host = stub.url.removeprefix("http://")
+    narrator = OpenAICompatibleNarrator(f"http://ann:pa55word@{host}", "m")
+    summary = narrate(FACTS, narrator)
+    assert summary.message and "pa55word" not in summary.message and "ann" not in summary.message
+    assert stub.requests[-1][1]["Authorization"] == "Basic YW5uOnBhNTV3b3Jk"
+    assert "pa55word" not in repr(narrator)
+    unreachable = OpenAICompatibleNarrator("http://127.0.0.1:9/v1?key=SECRET", "m", timeout=2)
+    summary = narrate(FACTS, unreachable)
+    assert summary.message and "cannot reach http://127.0.0.1:9/v1/chat/completions" in (
+        summary.message
+    )
+    assert "SECRET" not in summary.message
+
+
 # -- hf-local with a tiny random causal LM ------------------------------------------------------
 
 # Every token of this vocabulary cites something the facts do not hold (an invented user,
@@ -580,9 +789,20 @@ def tiny_lm(path: Path, chat_template: str | None, n_positions: int) -> Path:
 CHAT = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}<|assistant|>"
 
 
-def test_hf_local_runs_end_to_end_and_its_nonsense_is_caught(tmp_path: Path) -> None:
+def test_hf_local_runs_end_to_end_and_its_nonsense_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
+    from transformers import AutoModelForCausalLM
 
+    loads: list[str] = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        loads.append(str(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counted)
     torch.manual_seed(0)
     narrator = HFLocalNarrator(tiny_lm(tmp_path / "chat", CHAT, 1024), max_new_tokens=12)
     prompt = narrator.prompt_for(FACTS)
@@ -607,6 +827,7 @@ def test_hf_local_runs_end_to_end_and_its_nonsense_is_caught(tmp_path: Path) -> 
     assert summary.flagged and summary.grounding.problems
     assert summary.fallback_text == TemplateNarrator().generate(FACTS)
     assert summary.message and summary.message.startswith("The local model cited")
+    assert len(loads) == 1  # one load for the prompt, two threads and narrate: reused
 
 
 def test_hf_local_without_chat_template_uses_plain_prompt_and_truncates(tmp_path: Path) -> None:
