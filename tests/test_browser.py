@@ -249,6 +249,39 @@ def test_selecting_a_triage_row_opens_its_timeline(server: Server, page) -> None
     _no_exception(page)
 
 
+def test_explanation_panels_and_a_similar_case_click(server: Server, page) -> None:
+    _open(page, server, f"/investigate?user={quote(server.user)}", "Investigate")
+    assert _timeline_points(page) > 0
+    sync_api.expect(page.get_by_text("ithout these", exact=False).first).to_be_visible(
+        timeout=60_000
+    )
+    page.locator(".st-key-inv_fields .js-plotly-plot").wait_for()
+    sync_api.expect(page.locator(".st-key-inv_summary")).to_contain_text("Written by")
+    grid = page.locator(f".st-key-inv_similar_{server.user}")
+    grid.locator("canvas").first.wait_for()
+    first_user = grid.locator("table[role=grid] tbody tr").first.locator("td").first.inner_text()
+    assert first_user.strip() and first_user.strip() != server.user
+    grid.scroll_into_view_if_needed()
+    page.wait_for_selector(IDLE, state="attached")  # the script is done: nothing moves now
+    # A deep link on a new session can raise Streamlit's dismissable "Page not found" dialog
+    # (pages/ folder beside st.navigation, see README): close it, it blocks clicks.
+    if page.get_by_text("Page not found").count():
+        page.keyboard.press("Escape")
+        page.get_by_text("Page not found").wait_for(state="detached")
+    box = grid.locator('[data-testid="stDataFrameResizable"]').bounding_box()
+    assert box is not None
+    page.mouse.click(box["x"] + 18, box["y"] + 35 + 17)  # the first similar user's marker
+    # the app rewrites ?user= in place (history API): poll the address, not a page load
+    page.wait_for_function(
+        "u => location.search.includes('user=' + u)", arg=quote(first_user.strip())
+    )
+    # the page now shows that user: its decision form names it
+    label_button = page.get_by_role("button", name=f"Label {first_user.strip()}")
+    sync_api.expect(label_button).to_be_visible(timeout=60_000)
+    _no_exception(page)
+    _screenshot(page, "investigate_similar_click")
+
+
 def test_threshold_slider_changes_the_alert_count(server: Server, page) -> None:
     _open(page, server, "/thresholds", "Thresholds")
     count = _metric(page, "Alerts in range")
