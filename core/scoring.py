@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,6 +69,10 @@ class ScoreReference:
     mean: float
     std: float
     evidence_cap: int = EVIDENCE_CAP
+    # The training users' mean pooled embedding: stored user embeddings are relative to it, so
+    # cosine similarity compares how users differ from the population (raw pooled states all
+    # point the same way and every pair scores ~0.99). Empty for models trained before.
+    embedding_mean: list[float] = field(default_factory=list)
 
     def percentile(self, raw: np.ndarray) -> np.ndarray:
         q = np.asarray(self.quantiles)
@@ -93,8 +97,15 @@ class ScoreReference:
             self.evidence_cap,
         )
 
+    def centre(self, embedding: np.ndarray) -> np.ndarray:
+        if not self.embedding_mean or embedding.shape[1] != len(self.embedding_mean):
+            return embedding
+        return embedding - np.asarray(self.embedding_mean, dtype=embedding.dtype)
+
     @classmethod
-    def fit(cls, field_nll: np.ndarray, offsets: np.ndarray) -> ScoreReference:
+    def fit(
+        cls, field_nll: np.ndarray, offsets: np.ndarray, embedding: np.ndarray | None = None
+    ) -> ScoreReference:
         mean = field_nll.mean(axis=0).astype(float)
         std = np.maximum(field_nll.std(axis=0), 1e-3).astype(float)
         scores = typicality_scores(field_nll, offsets, mean, std, EVIDENCE_CAP)
@@ -107,6 +118,7 @@ class ScoreReference:
             quantiles=scores.tolist(),
             mean=float(scores.mean()),
             std=float(scores.std()),
+            embedding_mean=[] if embedding is None else embedding.mean(axis=0).tolist(),
         )
 
 
@@ -264,7 +276,7 @@ def fit_score_reference(
     device: torch.device,
 ) -> ScoreReference:
     scores = score_encoded(model, encoded, max_len=cfg.max_len, device=device)
-    return ScoreReference.fit(scores.field_nll, encoded.offsets)
+    return ScoreReference.fit(scores.field_nll, encoded.offsets, scores.embedding)
 
 
 def register_model(
@@ -371,7 +383,9 @@ def score_users(
             )
             embeddings = None
             if start is None and end is None:  # only a full history describes the user
-                emb = np.ascontiguousarray(scores.embedding, dtype=np.float32)
+                emb = np.ascontiguousarray(
+                    loaded.reference.centre(scores.embedding), dtype=np.float32
+                )
                 embeddings = pa.table(
                     {
                         "user_id": pa.array(frame["user_id"].to_numpy(), pa.string()),

@@ -1,8 +1,9 @@
 """Similar past cases: users whose whole behaviour the model encodes most like this user's.
 
 Each user's embedding is the model's pooled sequence representation (mean ‖ max of the decoder
-states over the user's events, the sequence head's input), stored by batch scoring in
-``user_embeddings``. Nearest users by cosine similarity, computed inside DuckDB
+states over the user's events, the sequence head's input) minus the training population's mean,
+stored by batch scoring in ``user_embeddings``: similarity then compares how two users differ
+from everyone else. Nearest users by cosine similarity, computed inside DuckDB
 (``list_cosine_similarity``), so no embedding matrix is pulled into Python; a few hundred
 thousand users take well under a second.
 """

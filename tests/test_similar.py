@@ -68,6 +68,7 @@ def test_fraudsters_neighbours_are_mostly_fraud(demo_env: DemoEnv) -> None:
             )
             for u in fraud
         ]
-    # The tiny one-epoch model gets ~1.5x the base rate here; the small model on the default
-    # demo gets 4.6x (0.23 vs 0.05). Random embeddings would give the base rate.
-    assert np.mean(shares) > 1.25 * base_rate
+    # The tiny one-epoch model gets ~2x the base rate here (0.21 vs 0.10; 1.5x before the
+    # embeddings were centred); the small model on the default demo 4.6x (0.23 vs 0.05).
+    # Random embeddings would give the base rate.
+    assert np.mean(shares) > 1.6 * base_rate
