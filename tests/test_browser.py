@@ -170,6 +170,16 @@ def _open(page, server: Server, path: str, title: str) -> None:
     _no_exception(page)
     sync_api.expect(page.locator("h1").first).to_contain_text(title)
     page.wait_for_selector(IDLE, state="attached")
+    _dismiss_page_not_found(page)
+
+
+def _dismiss_page_not_found(page) -> None:
+    """A deep link on a new session can raise Streamlit's dismissable "Page not found" dialog
+    (a pages/ folder beside st.navigation: see README); the right page is shown under it, but
+    the dialog makes the page inert until closed."""
+    if page.get_by_text("Page not found").count():
+        page.keyboard.press("Escape")
+        page.get_by_text("Page not found").wait_for(state="detached")
 
 
 def _no_exception(page) -> None:
@@ -263,11 +273,7 @@ def test_explanation_panels_and_a_similar_case_click(server: Server, page) -> No
     assert first_user.strip() and first_user.strip() != server.user
     grid.scroll_into_view_if_needed()
     page.wait_for_selector(IDLE, state="attached")  # the script is done: nothing moves now
-    # A deep link on a new session can raise Streamlit's dismissable "Page not found" dialog
-    # (pages/ folder beside st.navigation, see README): close it, it blocks clicks.
-    if page.get_by_text("Page not found").count():
-        page.keyboard.press("Escape")
-        page.get_by_text("Page not found").wait_for(state="detached")
+    _dismiss_page_not_found(page)
     box = grid.locator('[data-testid="stDataFrameResizable"]').bounding_box()
     assert box is not None
     page.mouse.click(box["x"] + 18, box["y"] + 35 + 17)  # the first similar user's marker
