@@ -181,6 +181,25 @@ def _timed_row_click(browser, url: str, row: int, timeout_s: float = 60) -> floa
         context.close()
 
 
+def _timed_nav_click(browser, url: str, link: str, keys: list[str], timeout_s: float = 60) -> float:
+    """Seconds from clicking the sidebar's ``link`` on Investigate until that page is drawn and
+    idle: moving between pages inside one session, as an analyst does all day."""
+    context, page = _new_tab(browser)
+    try:
+        page.goto(url)
+        _wait_drawn(page, INVESTIGATE_PLOTS, timeout_s)
+        page.wait_for_selector(IDLE, state="attached", timeout=timeout_s * 1000)
+        target = page.locator("[data-testid=stSidebarNavLink]", has_text=link).first
+        started = time.perf_counter()
+        target.click()
+        page.wait_for_selector(".st-key-inv_timeline", state="detached", timeout=timeout_s * 1000)
+        _wait_drawn(page, keys, timeout_s)
+        page.wait_for_selector(IDLE, state="attached", timeout=timeout_s * 1000)
+        return time.perf_counter() - started
+    finally:
+        context.close()
+
+
 def _prepare_db(db: Path, models: Path) -> None:
     """The default demo, as `make run` builds it (demo world, `small` model, all scored)."""
     print(f"{db} not found: building the default demo (`fraudlens prepare`, minutes on CPU)")
@@ -284,7 +303,9 @@ def main() -> None:
         threshold_note = _ensure_alerts(db, str(info["model_id"]), 2 * args.runs + 2)
         log = Path(tmp) / "server.log"
         inv = f"/investigate?user={quote(user)}"
-        times: dict[str, list[float]] = {k: [] for k in ("cold", "same", "row", "new", "tri")}
+        times: dict[str, list[float]] = {
+            k: [] for k in ("cold", "same", "row", "new", "tri", "tri_nav")
+        }
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             for run in range(args.cold_runs):
@@ -304,6 +325,10 @@ def main() -> None:
                         times["tri"].append(
                             _timed_goto(browser, url + "/", TRIAGE_PLOTS, idle=True)
                         )
+                    for _ in range(args.runs):
+                        times["tri_nav"].append(
+                            _timed_nav_click(browser, url + inv, "Triage", TRIAGE_PLOTS)
+                        )
             browser.close()
 
     rows = [
@@ -312,6 +337,11 @@ def main() -> None:
         _row("investigate warm", times["same"], "new tab, same user again"),
         _row("investigate warm", times["new"], "new tab, a user not opened before"),
         _row("triage warm", times["tri"], "new tab; queue and charts drawn, script done"),
+        _row(
+            "triage warm",
+            times["tri_nav"],
+            "sidebar link from Investigate (same tab); queue and charts drawn, script done",
+        ),
     ]
     extra = {
         "database": f"{source} ({info['n_users']:,} users, {info['n_events']:,} events)",
