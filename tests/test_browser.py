@@ -330,8 +330,15 @@ def test_case_csv_export_neutralises_formulas(server: Server, page, tmp_path: Pa
     text_cells = frame.select_dtypes(exclude="number").to_numpy().ravel()
     assert not [c for c in text_cells if str(c).startswith(("=", "+", "@"))]
 
-    with store.open_db(server.db_path) as con:
-        trail = cases.audit_trail(con, target=f"case:{server.case_id}")
+    # The download's audit row is written by the rerun its click starts: wait for it (bounded).
+    deadline = time.monotonic() + 30
+    while True:
+        page.wait_for_selector(IDLE, state="attached")
+        with store.open_db(server.db_path) as con:
+            trail = cases.audit_trail(con, target=f"case:{server.case_id}")
+        if {"case_note", "export_cases"} <= set(trail["action"]) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert {"case_note", "export_cases"} <= set(trail["action"])
     _no_exception(page)
 
