@@ -10,12 +10,10 @@ the population's. The Investigate page, the CLI and the benchmark all call it.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import duckdb
-import numpy as np
 import pandas as pd
 
 from core import cases, schema, store
@@ -60,6 +58,14 @@ _PEER_STATISTICS: dict[str, str] = {
     "distinct cards": "count(DISTINCT payment_id)",
 }
 
+# The event column each distinct-count statistic needs (absent column: statistic skipped).
+_STATISTIC_COLUMN: dict[str, str] = {
+    "distinct devices": "device_id",
+    "distinct IPs": "ip",
+    "distinct countries": "country",
+    "distinct cards": "payment_id",
+}
+
 
 @dataclass
 class Explanation:
@@ -102,13 +108,7 @@ def population_statistics(
 
 def _present_statistics(con: duckdb.DuckDBPyConnection) -> list[str]:
     columns = {d[0] for d in con.execute("SELECT * FROM events LIMIT 0").description}
-    needs = {
-        "distinct devices": "device_id",
-        "distinct IPs": "ip",
-        "distinct countries": "country",
-        "distinct cards": "payment_id",
-    }
-    return [n for n in _PEER_STATISTICS if needs.get(n, "ts") in columns]
+    return [n for n in _PEER_STATISTICS if _STATISTIC_COLUMN.get(n, "ts") in columns]
 
 
 def _range(start: datetime | None, end: datetime | None) -> tuple[str, list[object]]:
@@ -130,18 +130,13 @@ def user_statistics(events: pd.DataFrame, names: list[str]) -> dict[str, float]:
         if name == "events per active day":
             out[name] = len(events) / days if days else 0.0
         else:
-            column = {
-                "distinct devices": "device_id",
-                "distinct IPs": "ip",
-                "distinct countries": "country",
-                "distinct cards": "payment_id",
-            }[name]
+            column = _STATISTIC_COLUMN[name]
             out[name] = float(events[column].nunique()) if column in events else 0.0
     return out
 
 
 def _fmt_value(column: str, value: object) -> str | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or pd.isna(value):  # type: ignore[arg-type]
+    if value is None or pd.isna(value):  # type: ignore[arg-type]
         return None
     if column == "price":
         return f"{float(value):.2f}"  # type: ignore[arg-type]
@@ -291,13 +286,6 @@ def event_vocabulary(con: duckdb.DuckDBPyConnection) -> tuple[str, ...]:
     """Every event type in the store (the grounding check's list of what could be cited)."""
     rows = con.execute("SELECT DISTINCT event_type FROM events ORDER BY 1").fetchall()
     return tuple(str(r[0]) for r in rows)
-
-
-def attribution_share(attribution: Attribution) -> np.ndarray:
-    """Each event's share of the positive attribution (0..1), for colouring a timeline."""
-    per_event = attribution.per_event
-    positive = float(per_event[per_event > 0].sum()) or 1.0
-    return np.clip(per_event / positive, 0.0, None)
 
 
 def describe_top_events(explanation: Explanation, k: int = 5) -> str:
