@@ -172,6 +172,23 @@ def info(
         typer.echo(f"  {name:<20} {count:>12,}")
 
 
+@app.command()
+def compact(db: DbOption = None) -> None:
+    """Rewrite events as one sorted run (after many small ingests; one transaction)."""
+    path = _db(db)
+    if not path.exists():
+        raise _fail(f"no database at {path}; build one with `fraudlens demo` or `fraudlens ingest`")
+    try:
+        with store.open_db(path) as con:
+            runs = store.compact(con)
+    except store.StoreError as exc:
+        raise _fail(str(exc)) from None
+    if runs <= 1:
+        typer.echo(f"events already form {runs} sorted run; nothing to do")
+    else:
+        typer.echo(f"compacted {runs} sorted runs of events into one")
+
+
 def _read_users_file(path: Path | None) -> list[str] | None:
     if path is None:
         return None

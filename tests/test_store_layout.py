@@ -127,3 +127,28 @@ def test_csv_duplicate_id_after_broken_lines_keeps_its_line_and_raw_row(
     }  # fmt: skip
     ids = con.execute("SELECT event_id FROM events ORDER BY event_id").fetchall()
     assert ids == [(1,), (4,), (5,)]
+
+
+def test_compact_command_merges_the_runs_and_says_how_many(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from core.cli import app
+
+    monkeypatch.setattr(store, "_COMPACT_BELOW_ROWS", 0)
+    path = tmp_path / "cli.duckdb"
+    with store.open_db(path) as c:
+        store.ingest_dataframe(c, batch(["c", "a"], 0), source="one")
+        store.ingest_dataframe(c, batch(["b", "a"], 1), source="two")
+        assert runs(c) == 2
+    first = CliRunner().invoke(app, ["compact", "--db", str(path)])
+    assert first.exit_code == 0, first.output
+    assert "compacted 2 sorted runs" in first.output
+    again = CliRunner().invoke(app, ["compact", "--db", str(path)])
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    with store.open_db(path, read_only=True) as c:
+        rows = physical(c)
+        assert runs(c) == 1 and [r[:3] for r in rows] == sorted(r[:3] for r in rows)
+    missing = CliRunner().invoke(app, ["compact", "--db", str(tmp_path / "none.duckdb")])
+    assert missing.exit_code == 1 and "no database" in missing.output
