@@ -17,9 +17,11 @@ Why these competitors are set up the way they are:
   predicting it, so a sequence of L events takes L forward passes of length L + 1; the L masked
   copies are batched (64 rows), as LogBERT batches masked positions. Timed on a seeded sample of
   users (the model alone, no featurisation: flattering to LogBERT).
+- `medium` (the previous CPU default, 128 wide and 4 deep) is timed too, with random weights
+  (speed does not depend on them), to show what `small` gains.
 - Peak RSS: each size runs `score_users(..., write=True)` — the `fraudlens score` batch job — in
-  its own subprocess, so the figure is that size's own peak. 10M events takes well over 15 min on
-  2 CPU cores (the model alone scores ~15-20k events/s there), hence behind --full.
+  its own subprocess, so the figure is that size's own peak. 10M events adds ~15 min on 2 CPU
+  cores (world build, ingest and scoring), hence behind --full.
 """
 
 from __future__ import annotations
@@ -294,6 +296,21 @@ def run(plan: Plan, work: Path, mode: str) -> Path:
     _, ours_s = best_of(plan.repeats, ours_model)
     ours_eps = n_events / ours_s
     log(f"ours small (model): {ours_eps:,.0f} events/s")
+
+    medium_config = BehaviorConfig.from_size(
+        "medium", loaded.featurizer.vocab_sizes(), max_len=MAX_LEN
+    )
+    torch.manual_seed(0)
+    medium = BehaviorModel(medium_config).eval()
+
+    def medium_model() -> int:
+        encoded = loaded.featurizer.transform(events)
+        score_encoded(medium, encoded, max_len=MAX_LEN, device=cpu, batch_size=BATCH_SIZE)
+        return encoded.n_events
+
+    medium_model()  # warm-up
+    _, medium_s = best_of(plan.repeats, medium_model)
+    log(f"ours medium (model): {n_events / medium_s:,.0f} events/s")
     rows.append(
         {
             "measure": "scoring",
@@ -302,7 +319,20 @@ def run(plan: Plan, work: Path, mode: str) -> Path:
             "events": n_events,
             "seconds": round(ours_s, 2),
             "events_per_s": round(ours_eps, 1),
-            "note": f"score_encoded, batch {BATCH_SIZE}, windows of {MAX_LEN}",
+            "note": f"score_encoded, batch {BATCH_SIZE}, windows of {MAX_LEN}, "
+            f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters",
+        }
+    )
+    rows.append(
+        {
+            "measure": "scoring",
+            "scorer": "ours medium (featurise + model)",
+            "device": "cpu",
+            "events": n_events,
+            "seconds": round(medium_s, 2),
+            "events_per_s": round(n_events / medium_s, 1),
+            "note": f"the previous CPU default; random weights (speed only), "
+            f"{sum(p.numel() for p in medium.parameters()):,} parameters",
         }
     )
     with store.open_db(db_path, read_only=True) as con:

@@ -25,6 +25,9 @@ app = typer.Typer(
     help="fraudlens: find and explain fraudulent behaviour in e-commerce event logs.",
 )
 
+# core.model's MODEL_SIZES names, spelled here so `--help` does not import torch.
+MODEL_SIZE_NAMES = ("tiny", "small", "medium", "base")
+
 DbOption = Annotated[
     Path | None,
     typer.Option("--db", help="DuckDB file (default: $FRAUDLENS_DB or data/fraudlens.duckdb)."),
@@ -213,7 +216,7 @@ def _parse_ts(value: str | None, name: str) -> datetime | None:
 @app.command()
 def train(
     size: Annotated[
-        str, typer.Option(help="Model size: tiny, small (CPU default), base (GPU).")
+        str, typer.Option(help="Model size: tiny, small (CPU default), medium, base (GPU).")
     ] = "small",
     epochs: Annotated[
         int, typer.Option(min=1, help="Pretraining epochs (early stopping may end sooner).")
@@ -238,8 +241,8 @@ def train(
     """Pretrain the behaviour model on event sequences, then fine-tune on labels."""
     from core.train import TrainConfig, train_model
 
-    if size not in ("tiny", "small", "base"):
-        raise _fail("--size must be tiny, small or base", 2)
+    if size not in MODEL_SIZE_NAMES:
+        raise _fail(f"--size must be one of {', '.join(MODEL_SIZE_NAMES)}", 2)
     cfg = TrainConfig(
         size=size,  # type: ignore[arg-type]
         epochs=epochs,
@@ -337,7 +340,7 @@ def evaluate(
         Path, typer.Option("--json", help="Where to write the JSON report (markdown beside it).")
     ] = Path("benchmarks/results/evaluate.json"),
     cv: Annotated[int, typer.Option(min=0, help="K-fold cross-validation (K >= 2).")] = 0,
-    size: Annotated[str, typer.Option(help="Transformer size: tiny, small, base.")] = "small",
+    size: Annotated[str, typer.Option(help="tiny, small, medium or base.")] = "small",
     epochs: Annotated[int, typer.Option(min=1, help="Pretraining epochs.")] = 6,
     seed: Annotated[int, typer.Option(help="Split and training seed.")] = 0,
     unseen_seed: Annotated[
@@ -397,10 +400,8 @@ def prepare(db: DbOption = None) -> None:
             ).fetchall()[0][0]
         )
     if found is None:
-        typer.echo("no model yet: training the small model on this database (CPU: ~5 minutes)")
-        # A shorter schedule than `fraudlens train`'s default keeps the first start near five
-        # minutes on a 2-core laptop; retrain longer from the Data & model page or the CLI.
-        train(db=path, epochs=4, supervised_epochs=1)
+        typer.echo("no model yet: training the small model on this database (CPU: ~3 minutes)")
+        train(db=path)
     if not scored:
         score(db=path)
 

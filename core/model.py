@@ -35,10 +35,16 @@ MODEL_TYPE = "fraudlens-behavior"
 PAD_INDEX = 0
 ABSENT_INDEX = 1  # field values <= this are not predicted (padding, absent)
 
-SizeName = Literal["tiny", "small", "base"]
+SizeName = Literal["tiny", "small", "medium", "base"]
+# `small` is the CPU default. On the demo world (same split, 6 epochs) it matched `medium`'s
+# unsupervised AUPRC (val/test/unseen world 0.45/0.28/0.40 vs 0.43/0.28/0.38) while scoring
+# 3.5x faster (88k vs 25k events/s on 2 cores) and training 8x faster: next-event structure
+# in behaviour logs is simple enough that width and depth beyond this buy lower NLL, not
+# better rankings. `medium` stays for logs with richer structure (and to re-run that check).
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 32, "n_layers": 2, "n_heads": 2},  # tests, seconds on CPU
-    "small": {"hidden_size": 128, "n_layers": 4, "n_heads": 4},  # CPU default, ~0.9M parameters
+    "small": {"hidden_size": 64, "n_layers": 2, "n_heads": 4},  # CPU default, ~0.13M parameters
+    "medium": {"hidden_size": 128, "n_layers": 4, "n_heads": 4},  # ~0.85M parameters
     "base": {"hidden_size": 512, "n_layers": 8, "n_heads": 8},  # GPU, ~25M parameters
 }
 
@@ -100,7 +106,7 @@ class BehaviorConfig(PreTrainedConfig):
     def from_size(
         cls, name: SizeName, vocab_sizes: dict[str, int], **kwargs: Any
     ) -> BehaviorConfig:
-        """A config of a named size: tiny (tests), small (CPU default) or base (GPU)."""
+        """A config of a named size: tiny (tests), small (CPU default), medium or base (GPU)."""
         if name not in MODEL_SIZES:
             raise ValueError(f"unknown model size {name!r}; choose from {sorted(MODEL_SIZES)}")
         params: dict[str, Any] = {**MODEL_SIZES[name], **kwargs}

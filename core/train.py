@@ -30,7 +30,7 @@ from core import store
 from core.model import BehaviorConfig, BehaviorModel
 from core.sequences import SequenceFeaturizer, Windows, load_events, make_windows
 
-Size = Literal["tiny", "small", "base"]
+Size = Literal["tiny", "small", "medium", "base"]
 
 
 @dataclass

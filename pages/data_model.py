@@ -134,7 +134,9 @@ else:
 settings = get_settings()
 with st.form("dm_train"):
     c1, c2, c3 = st.columns(3)
-    size = c1.selectbox("Size", ["tiny", "small", "base"], index=1, help="tiny: ~1 min on CPU")
+    size = c1.selectbox(
+        "Size", ["tiny", "small", "medium", "base"], index=1, help="small: ~2 min on CPU"
+    )
     epochs = c2.number_input("Epochs", min_value=1, max_value=50, value=3)
     supervised = c3.checkbox("Fine-tune on labels", value=True, help=SUPERVISED_HELP)
     if st.form_submit_button("Train a new model and score every user", disabled=bool(active)):

@@ -249,3 +249,15 @@ def test_end_to_end_from_featurizer_windows() -> None:
             assert (out.surprisal[torch.from_numpy(batch.mask)] > 0).all()
             seen += int(batch.primary.sum())
     assert seen == n
+
+
+def test_named_sizes_grow_and_the_cli_offers_each_of_them() -> None:
+    from core.cli import MODEL_SIZE_NAMES
+    from core.model import MODEL_SIZES
+
+    assert MODEL_SIZE_NAMES == tuple(MODEL_SIZES)
+    counts = [
+        sum(p.numel() for p in BehaviorModel(BehaviorConfig.from_size(name, VOCAB)).parameters())
+        for name in ("tiny", "small", "medium")
+    ]
+    assert counts == sorted(counts) and len(set(counts)) == 3
