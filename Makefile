@@ -25,7 +25,8 @@ demo: $(STAMP)
 # prepare: builds the demo database if absent, trains and scores a model if none exists.
 run: $(STAMP)
 	$(VENV)/bin/fraudlens prepare --db $(DB)
-	FRAUDLENS_DB=$(DB) $(VENV)/bin/streamlit run app.py --server.port $(PORT) \
+	@# pages._serve = `streamlit run app.py` with torch/transformers/Captum imported first
+	FRAUDLENS_DB=$(DB) $(VENV)/bin/python -m pages._serve --server.port $(PORT) \
 		--server.address $(ADDRESS) --server.headless true --browser.gatherUsageStats false
 
 chromium:

@@ -7,7 +7,11 @@ core (core.evidence, core.narrate, core.similar) behind Streamlit caches.
 from __future__ import annotations
 
 import re
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 
 import duckdb
@@ -40,8 +44,51 @@ def vocabulary(db_path: str, version: int) -> tuple[str, ...]:
         return evidence.event_vocabulary(con)
 
 
-@st.cache_data(ttl=300, max_entries=32, show_spinner=False)
-def explanation(
+class ExplainJobs:
+    """Explanations computed on one background thread, newest kept (a small LRU of futures).
+
+    The page draws its timeline and graphs, then a placeholder, and its script ends; the
+    attributions follow when ready. Computed in the script they held the page's run open and
+    the plots drew ~0.5 s later (measured with benchmarks/bench_ui.py on 2 cores).
+    """
+
+    def __init__(self, keep: int = 32, ttl_s: float = 300.0) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fraudlens-explain")
+        self._jobs: OrderedDict[tuple, tuple[float, Future]] = OrderedDict()
+        self._keep = keep
+        self._ttl_s = ttl_s  # as the page's other caches: new data shows within minutes
+        self._lock = threading.Lock()
+
+    def peek(self, key: tuple) -> Future | None:
+        """The job for ``key`` while it runs or until its result (or failure) is older than
+        the ttl; None when there is none."""
+        with self._lock:
+            started, job = self._jobs.get(key, (0.0, None))
+            if job is not None and job.done() and time.monotonic() - started > self._ttl_s:
+                return None
+            return job
+
+    def get(self, key: tuple, compute: Callable[[], evidence.Explanation | None]) -> Future:
+        """The job for ``key``, started now if there is none. A failed job stays (the page
+        shows its error) until the ttl: retrying at once would loop, as every finished job
+        reruns the page."""
+        job = self.peek(key)
+        with self._lock:
+            if job is None:
+                job = self._pool.submit(compute)
+                self._jobs[key] = (time.monotonic(), job)
+            self._jobs.move_to_end(key)
+            while len(self._jobs) > self._keep:
+                self._jobs.popitem(last=False)
+            return job
+
+
+@st.cache_resource(show_spinner=False)
+def explain_jobs() -> ExplainJobs:
+    return ExplainJobs()
+
+
+def explanation_job(
     db_path: str,
     model_path: str,
     user: str,
@@ -50,22 +97,30 @@ def explanation(
     threshold: float,
     weight: float | None,
     version: int,
-) -> evidence.Explanation | None:
+) -> Future:
+    """The user's explanation, computing or done. The model and the population statistics
+    come from the page's caches (resolved here, in the script thread); the job itself is core
+    only (core.evidence), with no Streamlit call off the script thread."""
+    key = (db_path, model_path, user, start, end, threshold, weight, version)
     loaded = loaded_model(model_path)
     pop = population(db_path, start, end)
     words = vocabulary(db_path, version)
-    with store.open_db(db_path) as con:
-        return evidence.explain_user(
-            con,
-            loaded,
-            user,
-            start,
-            end,
-            threshold=threshold,
-            population=pop,
-            weight=weight,
-            vocabulary=words,
-        )
+
+    def compute() -> evidence.Explanation | None:
+        with store.open_db(db_path) as con:
+            return evidence.explain_user(
+                con,
+                loaded,
+                user,
+                start,
+                end,
+                threshold=threshold,
+                population=pop,
+                weight=weight,
+                vocabulary=words,
+            )
+
+    return explain_jobs().get(key, compute)
 
 
 @st.cache_resource(show_spinner=False)
@@ -105,6 +160,20 @@ def similar_cases(db_path: str, model_id: str, user: str, version: int) -> pd.Da
         return similar.similar_users(con, model_id, user, k=8)
 
 
+def wait_for(key: tuple) -> None:
+    """A placeholder that polls the job and, once it is done, reruns the page (which then
+    draws the panels and stops polling: the fragment is only defined while a job runs)."""
+
+    @st.fragment(run_every=0.4)
+    def poll() -> None:
+        job = explain_jobs().peek(key)
+        if job is not None and job.done():
+            st.rerun()
+        st.caption(":material/hourglass_top: Attributing the score to events…")
+
+    poll()
+
+
 def render(
     *,
     db_path: str,
@@ -120,17 +189,25 @@ def render(
     timeline: Callable[[pd.DataFrame | None], go.Figure],
     open_user: Callable[[str], None],
 ) -> None:
-    """Draw the panels. ``timeline(attribution)`` redraws the score timeline coloured by
-    attribution (None: by event type)."""
+    """Draw the panels, or a placeholder that polls while they are computed in the
+    background. ``timeline(attribution)`` redraws the score timeline coloured by attribution
+    (None: by event type)."""
     if not model_path or not model_id:
         st.info("Attributions need a model: train one on the Data & model page.")
         return
-    with st.spinner("Attributing the score to events…"):
-        try:
-            found = explanation(db_path, model_path, user, start, end, threshold, weight, version)
-        except Exception as exc:  # a model that cannot explain must not take the page down
-            st.error(f"Could not explain {user}: {exc}")
-            return
+    args = (db_path, model_path, user, start, end, threshold, weight, version)
+    try:
+        job = explanation_job(*args)
+    except Exception as exc:  # a model that does not load must not take the page down
+        st.error(f"Could not explain {user}: {exc}")
+        return
+    if not job.done():
+        wait_for(args)
+        return
+    if job.exception() is not None:  # a model that cannot explain must not take the page down
+        st.error(f"Could not explain {user}: {job.exception()}")
+        return
+    found = job.result()
     if found is None:
         st.info("No events in this range to explain.")
         return

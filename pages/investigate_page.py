@@ -240,7 +240,7 @@ st.caption(
 
 if not events.empty:
     # Imported here, after the timeline and graphs are on their way to the browser: the
-    # explanation engine pulls in torch and Captum, seconds on a cold start.
+    # explanation engine pulls in torch and Captum (pages._serve imports them at start-up).
     from pages import _explain_panel as explain_panel
 
     explain_panel.render(

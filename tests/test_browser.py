@@ -114,9 +114,7 @@ def server(demo_env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
             [
                 sys.executable,
                 "-m",
-                "streamlit",
-                "run",
-                "app.py",
+                "pages._serve",  # as `make run` starts it: streamlit run app.py, preloaded
                 "--server.headless",
                 "true",
                 "--server.address",
@@ -136,6 +134,8 @@ def server(demo_env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, log)
+        # the launcher imported the explanation stack before the server began to listen
+        assert "fraudlens: page modules loaded in" in log.read_text()
         yield Server(url, db, demo_env.model_id, user, case_id, proc.pid)
     finally:
         proc.terminate()

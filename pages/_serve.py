@@ -1,0 +1,57 @@
+"""Start the dashboard with its heavy imports already done: ``python -m pages._serve [options]``
+takes the options of ``streamlit run`` (``make run`` uses it).
+
+Explaining a score needs torch, transformers and Captum: about 14 s of imports on a 2-core
+laptop (transformers alone pulls in torch.distributed, dynamo and sympy). A plain
+``streamlit run app.py`` pays that inside the first Investigate request, while the browser is
+drawing the page on the same cores, and the first explanation waits for it. Importing them
+here, before the server listens, moves the wait to start-up, where ``make run`` already waits
+for the demo and the model; later sessions find the modules loaded. The model itself is loaded
+by the first page that needs it (``pages._shared.loaded_model``): it depends on the session's
+database.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+APP = Path(__file__).resolve().parent.parent / "app.py"
+
+
+def preload() -> float:
+    """Import what the pages use, the explanation stack included; returns the seconds taken."""
+    started = time.perf_counter()
+    import pages._explain_panel  # noqa: F401  torch, transformers, Captum, core.explain
+    import pages._shared  # noqa: F401  pandas, DuckDB
+    from core import alert_charts, cases, graphs, investigate  # noqa: F401  Plotly, networkx
+
+    return time.perf_counter() - started
+
+
+def leave_a_core_for_the_browser() -> int:
+    """torch threads for this server: all cores but one. On a laptop the analyst's browser
+    draws the page on the same cores while an explanation runs; two busy torch threads on two
+    cores starve it (measured: the Investigate plots drew ~0.5 s later)."""
+    import os
+
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def main() -> None:
+    from streamlit.web import cli
+
+    seconds = preload()
+    leave_a_core_for_the_browser()
+    print(f"fraudlens: page modules loaded in {seconds:.1f} s", file=sys.stderr, flush=True)
+    sys.argv = ["streamlit", "run", str(APP), *sys.argv[1:]]
+    cli.main()
+
+
+if __name__ == "__main__":
+    main()
