@@ -12,7 +12,10 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -190,6 +193,44 @@ class JobRegistry:
         return state
 
 
+class KeyedJobs:
+    """Results computed once per key on one background thread, kept a while (an LRU of
+    futures with a ttl): for work a page shows when ready, like an explanation, rather than the
+    named, progress-reporting jobs of JobRegistry. Several sessions asking for the same key
+    share one computation.
+    """
+
+    def __init__(self, keep: int = 32, ttl_s: float = 300.0) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fraudlens-keyed")
+        self._jobs: OrderedDict[tuple, tuple[float, Future]] = OrderedDict()
+        self._keep = keep
+        self._ttl_s = ttl_s  # as the page's other caches: new data shows within minutes
+        self._lock = threading.Lock()
+
+    def peek(self, key: tuple) -> Future | None:
+        """The job for ``key`` while it runs or until its result (or failure) is older than
+        the ttl; None when there is none."""
+        with self._lock:
+            started, job = self._jobs.get(key, (0.0, None))
+            if job is not None and job.done() and time.monotonic() - started > self._ttl_s:
+                return None
+            return job
+
+    def get(self, key: tuple, compute: Callable[[], Any]) -> Future:
+        """The job for ``key``, started now if there is none. A failed job stays (the page
+        shows its error) until the ttl: retrying at once would loop, as every finished job
+        reruns the page."""
+        job = self.peek(key)
+        with self._lock:
+            if job is None:
+                job = self._pool.submit(compute)
+                self._jobs[key] = (time.monotonic(), job)
+            self._jobs.move_to_end(key)
+            while len(self._jobs) > self._keep:
+                self._jobs.popitem(last=False)
+            return job
+
+
 _REGISTRY = JobRegistry()
 
 
@@ -203,6 +244,7 @@ __all__ = [
     "JobRegistry",
     "JobState",
     "JobStatus",
+    "KeyedJobs",
     "Report",
     "error_message",
     "registry",

@@ -7,11 +7,8 @@ core (core.evidence, core.narrate, core.similar) behind Streamlit caches.
 from __future__ import annotations
 
 import re
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from datetime import datetime
 
 import duckdb
@@ -21,6 +18,7 @@ import streamlit as st
 
 from core import charts, evidence, similar, store
 from core.config import Settings, get_settings
+from core.jobs import KeyedJobs
 from core.narrate import (
     Narrator,
     Summary,
@@ -44,48 +42,11 @@ def vocabulary(db_path: str, version: int) -> tuple[str, ...]:
         return evidence.event_vocabulary(con)
 
 
-class ExplainJobs:
-    """Explanations computed on one background thread, newest kept (a small LRU of futures).
-
-    The page draws its timeline and graphs, then a placeholder, and its script ends; the
-    attributions follow when ready. Computed in the script they held the page's run open and
-    the plots drew ~0.5 s later (measured with benchmarks/bench_ui.py on 2 cores).
-    """
-
-    def __init__(self, keep: int = 32, ttl_s: float = 300.0) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fraudlens-explain")
-        self._jobs: OrderedDict[tuple, tuple[float, Future]] = OrderedDict()
-        self._keep = keep
-        self._ttl_s = ttl_s  # as the page's other caches: new data shows within minutes
-        self._lock = threading.Lock()
-
-    def peek(self, key: tuple) -> Future | None:
-        """The job for ``key`` while it runs or until its result (or failure) is older than
-        the ttl; None when there is none."""
-        with self._lock:
-            started, job = self._jobs.get(key, (0.0, None))
-            if job is not None and job.done() and time.monotonic() - started > self._ttl_s:
-                return None
-            return job
-
-    def get(self, key: tuple, compute: Callable[[], evidence.Explanation | None]) -> Future:
-        """The job for ``key``, started now if there is none. A failed job stays (the page
-        shows its error) until the ttl: retrying at once would loop, as every finished job
-        reruns the page."""
-        job = self.peek(key)
-        with self._lock:
-            if job is None:
-                job = self._pool.submit(compute)
-                self._jobs[key] = (time.monotonic(), job)
-            self._jobs.move_to_end(key)
-            while len(self._jobs) > self._keep:
-                self._jobs.popitem(last=False)
-            return job
-
-
 @st.cache_resource(show_spinner=False)
-def explain_jobs() -> ExplainJobs:
-    return ExplainJobs()
+def explain_jobs() -> KeyedJobs:
+    """Explanations are computed on one background thread: the page draws its timeline and
+    graphs, then a placeholder, and its script ends; the attributions follow when ready."""
+    return KeyedJobs()
 
 
 def explanation_job(
