@@ -1,4 +1,4 @@
-"""The Investigate page's background explanation jobs (pages._explain_panel.ExplainJobs)."""
+"""core.jobs.KeyedJobs: the background computations the Investigate page polls (explanations)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import threading
 
 import pytest
 
-from pages._explain_panel import ExplainJobs
+from core import jobs as jobs_module
+from core.jobs import KeyedJobs
 
 
 def test_one_job_per_key_failures_kept_until_the_ttl_and_old_results_dropped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    jobs = ExplainJobs(keep=2, ttl_s=60.0)
+    jobs = KeyedJobs(keep=2, ttl_s=60.0)
     calls: list[str] = []
     release = threading.Event()
 
@@ -41,10 +42,8 @@ def test_one_job_per_key_failures_kept_until_the_ttl_and_old_results_dropped(
     jobs.get(("c",), compute("c")).result(timeout=5)  # keep=2: the oldest key goes
     assert jobs.peek(("a",)) is None
 
-    import pages._explain_panel as panel
-
-    now = panel.time.monotonic()
-    monkeypatch.setattr(panel.time, "monotonic", lambda: now + 61.0)
+    now = jobs_module.time.monotonic()
+    monkeypatch.setattr(jobs_module.time, "monotonic", lambda: now + 61.0)
     assert jobs.peek(("c",)) is None  # older than the ttl: computed again on the next visit
     retried = jobs.get(("b",), compute("b2"))  # a failure too is tried again after the ttl
     assert retried is not failed and retried.result(timeout=5) == "b2"
