@@ -584,10 +584,10 @@ def run_evaluation(
     if cfg.cv >= 2:
         started = time.perf_counter()
         per_scorer: dict[str, list[ScorerMetrics]] = {}
-        for fold, (train_idx, test_idx) in enumerate(kfold_users(users, cfg.cv, seed=cfg.seed)):
-            fold_fit = _fit_all(con, users[train_idx], cfg, work_dir / f"fold{fold}", progress, {})
-            fold_scores = _score_all(con, fold_fit, users[test_idx])
-            y_f, typ_f = load_truth(con, users[test_idx])
+        for fold, (train_users, test_users) in enumerate(kfold_users(users, cfg.cv, seed=cfg.seed)):
+            fold_fit = _fit_all(con, train_users, cfg, work_dir / f"fold{fold}", progress, {})
+            fold_scores = _score_all(con, fold_fit, test_users)
+            y_f, typ_f = load_truth(con, test_users)
             for m in _metrics_for(fold_scores, y_f, typ_f, None, cfg.budget_share):
                 per_scorer.setdefault(m.name, []).append(m)
         for name, ms in per_scorer.items():

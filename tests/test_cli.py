@@ -128,3 +128,23 @@ def test_commands_without_data_or_model_say_what_to_do(env: Path) -> None:
     result = invoke("export-scores", str(env / "out.csv"))
     assert result.exit_code != 0 and "fraudlens train" in result.output
     assert not (env / "out.csv").exists()
+
+
+def test_evaluate_with_cross_validation_on_a_tiny_world(env: Path) -> None:
+    result = invoke("demo", "--users", "60", "--days", "4", "--fraud-rate", "0.2", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    out = env / "eval.json"
+    result = invoke(
+        "evaluate", "--json", str(out), "--cv", "2", "--size", "tiny", "--epochs", "1",
+        "--unseen-seed", "-1",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    scorers = {"transformer_unsupervised", "iforest", "lof", "lightgbm", "deeplog"}
+    # every scorer side by side on the held-out users, and its mean and spread over 2 folds
+    held_out = next(iter(report["results"].values()))
+    assert scorers <= {row["name"] for row in held_out}
+    assert scorers <= set(report["cv"])
+    for summary in report["cv"].values():
+        assert {"auprc_mean", "auprc_std", "auroc_mean", "recall_at_budget_mean"} <= set(summary)
+    assert out.with_suffix(".md").exists()
