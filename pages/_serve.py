@@ -22,11 +22,21 @@ APP = Path(__file__).resolve().parent.parent / "app.py"
 
 def preload() -> float:
     """Import what the pages use, the explanation stack included; returns the seconds taken."""
-    started = time.perf_counter()
-    import pages._explain_panel  # noqa: F401  torch, transformers, Captum, core.explain
-    import pages._shared  # noqa: F401  pandas, DuckDB
-    from core import alert_charts, cases, graphs, investigate  # noqa: F401  Plotly, networkx
+    import logging
 
+    started = time.perf_counter()
+    # st.cache_data checks its parameters when it decorates, and outside a running server it
+    # warns "No runtime found" for each function; the caches themselves are made on first
+    # call, inside the server, so the warning says nothing here.
+    cache_log = logging.getLogger("streamlit.runtime.caching.cache_data_api")
+    level = cache_log.level
+    cache_log.setLevel(logging.ERROR)
+    try:
+        import pages._explain_panel  # noqa: F401  torch, transformers, Captum, core.explain
+        import pages._shared  # noqa: F401  pandas, DuckDB
+        from core import alert_charts, cases, graphs, investigate  # noqa: F401  Plotly, networkx
+    finally:
+        cache_log.setLevel(level)
     return time.perf_counter() - started
 
 
