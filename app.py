@@ -7,6 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from core.charts import blank_figure
 from core.config import get_settings
 from pages._shared import DEFAULT_THRESHOLD, dataset_span, models_list, saved_threshold
 
@@ -50,6 +51,15 @@ pages = {
     ],
 }
 navigation = st.navigation(pages)
+
+# A session's first run draws an invisible Plotly chart before anything else, so the browser
+# fetches and evaluates Plotly's 4.7 MB bundle while the page below runs its queries and
+# scoring, rather than after the page's first chart arrives. Measured on 2 cores, fresh server
+# and browser: Investigate drawn 5.2 s after navigation instead of 5.9 s (3 pairs, each
+# faster). Later runs leave it out; the bundle stays loaded in the tab.
+if not state.get("_plotly_primed"):
+    state["_plotly_primed"] = True
+    st.sidebar.plotly_chart(blank_figure(), key="plotly_primer", config={"staticPlot": True})
 
 with st.sidebar:
     st.text_input("Analyst", key="analyst", value=state.get("analyst") or getpass.getuser())

@@ -57,6 +57,20 @@ def empty_figure(message: str, *, height: int = 260) -> go.Figure:
     return fig
 
 
+def blank_figure(*, height: int = 10) -> go.Figure:
+    """A figure that draws nothing visible: no axes, no background, no margins."""
+    fig = go.Figure()
+    fig.update_layout(
+        height=height,
+        xaxis={"visible": False},
+        yaxis={"visible": False},
+        margin={"l": 0, "r": 0, "t": 0, "b": 0},
+        paper_bgcolor="rgba(0,0,0,0)",
+        plot_bgcolor="rgba(0,0,0,0)",
+    )
+    return fig
+
+
 def _hover_strings(frame: pd.DataFrame, column: str) -> np.ndarray:
     values = frame[column]
     if pd.api.types.is_float_dtype(values):

@@ -167,3 +167,17 @@ def test_pages_without_a_database_explain_what_to_do(tmp_path) -> None:
     for page in ("pages/thresholds_page.py", "pages/cases_page.py", None):
         at = _app(tmp_path / "missing.duckdb", page)
         assert any("No database" in i.value for i in at.info)
+
+
+def test_first_run_of_a_session_primes_plotly_once(demo_env) -> None:
+    """The sidebar's invisible chart (which starts the browser loading Plotly early) is drawn on
+    a session's first run only."""
+    at = _app(demo_env.db_path)
+    primers = at.sidebar.get("plotly_chart")
+    assert len(primers) == 1
+    spec = json.loads(primers[0].proto.spec)
+    assert spec["data"] == [] and spec["layout"]["height"] == 10
+    at.run()
+    assert not at.exception
+    assert at.sidebar.get("plotly_chart") == []
+    assert at.title[0].value.endswith("Triage")
