@@ -58,8 +58,8 @@ def empty_figure(message: str, *, height: int = 260) -> go.Figure:
 
 
 def blank_figure(*, height: int = 10) -> go.Figure:
-    """A figure that draws nothing visible: no axes, no background, no margins."""
-    fig = go.Figure()
+    """A figure that draws nothing visible: one empty trace, no axes, background or margins."""
+    fig = go.Figure(go.Scatter(x=[], y=[], hoverinfo="skip", showlegend=False))
     fig.update_layout(
         height=height,
         xaxis={"visible": False},
