@@ -20,6 +20,9 @@ Measures:
   no injected event are skipped and counted. Mean per typology and overall, per target.
 - counterfactual: relative drop (before - without)/before of the displayed score when the top-5
   attributed events are removed, and when 5 random events are (mean of 5 draws); medians.
+  Also at k = m, the number of injected events inside the window (target scale): removing all
+  m injected events (the most a perfect explanation could remove), the top-m attributed, and
+  m random events.
 - seconds per explanation: core.evidence.explain_user end to end (attributions, deletion check,
   facts), median and p95; plus explain_events alone on exactly the issue's shape (32 steps, 256
   events) with an untrained `small` model of max_len 256 (the cost does not depend on weights).
@@ -75,6 +78,12 @@ class UserResult:
     drop_random: float | None
     target_drop_top: float | None = None  # the same on the attribution target's own scale
     target_drop_random: float | None = None
+    # Deletion at k = m, the number of injected events inside the explained window (target
+    # scale): all m injected events removed, the top-m attributed ones, m random ones.
+    injected_in_window: int | None = None
+    target_drop_injected: float | None = None
+    target_drop_top_m: float | None = None
+    target_drop_random_m: float | None = None
 
 
 @dataclass
@@ -237,6 +246,7 @@ def explain_sample(
         if in_window:
             top = set(att.top_events(HIT_K)["event_id"].astype(int).tolist())
             hit = len(top & in_window) / min(HIT_K, len(in_window))
+        at_m = deletion_at_injected_count(db, loaded, user_id, att, in_window)
         out.users.append(
             UserResult(
                 user_id=user_id,
@@ -247,6 +257,7 @@ def explain_sample(
                 drop_random=relative_drop(cf.score_before, cf.score_without_random),
                 target_drop_top=relative_drop(cf.target_before, cf.target_without_top),
                 target_drop_random=relative_drop(cf.target_before, cf.target_without_random),
+                **at_m,
             )
         )
         if i % 10 == 0 or i == len(users):
@@ -256,6 +267,38 @@ def explain_sample(
                 f"~{rate * (len(users) - i):.0f} s left"
             )
     return out
+
+
+def deletion_at_injected_count(
+    db: Path, loaded: object, user_id: str, att: object, injected: set[int], draws: int = 5
+) -> dict[str, object]:
+    """The deletion check at k = m, the injected events inside the explained window: how much
+    of the target removing all of them takes away (what a perfect explanation could remove),
+    against the top-m attributed events and m random ones (mean of ``draws``). Fraud often
+    spans dozens of events, where no 5 events can carry the score; this says whether the
+    attributions find what carries it. Empty when the window is all or none injected."""
+    from core import store
+    from core.explain import window_target_scores
+
+    ids = att.event_ids  # type: ignore[attr-defined]
+    is_injected = np.isin(ids, list(injected))
+    m, n = int(is_injected.sum()), int(ids.size)
+    if m == 0 or m == n:
+        return {}
+    order = np.argsort(-att.per_event, kind="stable")  # type: ignore[attr-defined]
+    rng = np.random.default_rng(0)
+    keep = [np.arange(n), np.flatnonzero(~is_injected), order[m:]]
+    keep += [rng.permutation(n)[m:] for _ in range(draws)]
+    with store.open_db(db, read_only=True) as con:
+        events = store.user_events(con, user_id, None, None)
+    scores = window_target_scores(loaded, events, att, keep)  # type: ignore[arg-type]
+    before = float(scores[0])
+    return {
+        "injected_in_window": m,
+        "target_drop_injected": relative_drop(before, float(scores[1])),
+        "target_drop_top_m": relative_drop(before, float(scores[2])),
+        "target_drop_random_m": relative_drop(before, float(np.mean(scores[3:]))),
+    }
 
 
 def quality_rows(results: TargetResults, device: str) -> list[dict[str, object]]:
@@ -270,6 +313,11 @@ def quality_rows(results: TargetResults, device: str) -> list[dict[str, object]]
         t_tops = [r.target_drop_top for r in members if r.target_drop_top is not None]
         t_rands = [r.target_drop_random for r in members if r.target_drop_random is not None]
         secs = [r.seconds for r in members]
+
+        def med(name: str, members: list[UserResult] = members) -> object:
+            values = [getattr(r, name) for r in members if getattr(r, name) is not None]
+            return round(median(values), 3) if values else "n/a"
+
         rows.append(
             {
                 "measure": "attribution quality",
@@ -283,6 +331,10 @@ def quality_rows(results: TargetResults, device: str) -> list[dict[str, object]]
                 "drop_random5_median": round(median(rands), 3) if rands else "n/a",
                 "target_drop_top5_median": round(median(t_tops), 3) if t_tops else "n/a",
                 "target_drop_random5_median": round(median(t_rands), 3) if t_rands else "n/a",
+                "injected_in_window_median": med("injected_in_window"),
+                "target_drop_all_injected_median": med("target_drop_injected"),
+                "target_drop_top_m_median": med("target_drop_top_m"),
+                "target_drop_random_m_median": med("target_drop_random_m"),
                 "s_median": round(median(secs), 3) if secs else "n/a",
                 "s_p95": round(quantile(secs, 0.95), 3) if secs else "n/a",
             }
@@ -458,7 +510,10 @@ def run(args: argparse.Namespace) -> Path:
         "score_before on the displayed score (0..1) of the explained window; top-5 = the 5 "
         "most attributed events, random-5 = mean over 5 draws of 5 events; target_drop_* = "
         "the same on the attribution target's own scale (fraud probability for the supervised "
-        "target, raw typicality for the unsupervised one), free of the percentile's saturation",
+        "target, raw typicality for the unsupervised one), free of the percentile's saturation; "
+        "*_m_median / all_injected: the same deletion at k = m, the number of injected events "
+        "inside the window (median in injected_in_window_median): all m injected events removed "
+        "(what a perfect explanation could remove), the top-m attributed, m random (5 draws)",
         "seconds_definition": "s_median / s_p95 in the quality rows: core.evidence.explain_user "
         "end to end (attributions + deletion check + facts), torch threads 2",
         "summaries_facts": f"{len(facts)} users' facts ({len(facts) - len(extra_users)} fraud "

@@ -384,6 +384,23 @@ def _subset_scores(
     return shown, np.full(len(row_sets), np.nan) if sup is None else sup, raw
 
 
+def window_target_scores(
+    loaded: LoadedModel,
+    events: pd.DataFrame | pa.Table,
+    attribution: Attribution,
+    keep: Sequence[np.ndarray],
+) -> np.ndarray:
+    """The attribution target on its own scale (fraud probability for the supervised target,
+    raw typicality for the unsupervised one) of the explained window reduced to the events at
+    window positions ``keep[i]``, one value per subset: deletion checks of any size."""
+    encoded = loaded.featurizer.transform(events)
+    rows = attribution.window_rows
+    subsets = [rows[np.sort(np.asarray(k, dtype=np.int64))] for k in keep]
+    with loaded.lock:
+        _, sup, raw = _subset_scores(loaded, encoded, subsets)
+    return np.asarray(sup if attribution.target == "supervised" else raw, dtype=float)
+
+
 def counterfactual(
     loaded: LoadedModel,
     events: pd.DataFrame | pa.Table,
@@ -434,4 +451,5 @@ __all__ = [
     "displayed_scores",
     "explain_events",
     "resolve_target",
+    "window_target_scores",
 ]

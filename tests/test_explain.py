@@ -17,6 +17,7 @@ from core.explain import (
     displayed_scores,
     explain_events,
     resolve_target,
+    window_target_scores,
 )
 from core.scoring import LoadedModel, load_model
 from core.sequences import ABSENT, PAD, load_events
@@ -209,6 +210,21 @@ def test_deletion_check_removes_more_score_than_random_events(
         if att.n_events < att.n_events_total:
             assert cf.sentence().startswith(f"On the explained window of {att.n_events} events")
     assert np.mean(drops_top) > np.mean(drops_random)
+
+
+@pytest.mark.parametrize("target", ["supervised", "unsupervised"])
+def test_window_target_scores_agree_with_the_deletion_check(
+    demo_env: DemoEnv, loaded: LoadedModel, fraud_users: list[str], target: str
+) -> None:
+    events = _events(demo_env, fraud_users[2])
+    att = explain_events(loaded, events, ExplainSettings(n_steps=8, target=target))  # type: ignore[arg-type]
+    cf = counterfactual(loaded, events, att, k=5, random_draws=0)
+    n = att.n_events
+    top = np.argsort(-att.per_event, kind="stable")[:5]
+    rest = np.setdiff1d(np.arange(n), top)
+    whole, without_top = window_target_scores(loaded, events, att, [np.arange(n), rest[::-1]])
+    assert whole == pytest.approx(cf.target_before, rel=1e-5)
+    assert without_top == pytest.approx(cf.target_without_top, rel=1e-5)
 
 
 def test_displayed_score_matches_batch_scoring(demo_env: DemoEnv, loaded: LoadedModel) -> None:
