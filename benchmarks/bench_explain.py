@@ -21,8 +21,8 @@ Measures:
 - counterfactual: relative drop (before - without)/before of the displayed score when the top-5
   attributed events are removed, and when 5 random events are (mean of 5 draws); medians.
   Also at k = m, the number of injected events inside the window (target scale): removing all
-  m injected events (the most a perfect explanation could remove), the top-m attributed, and
-  m random events.
+  m injected events (the ground truth's own share: not a bound, other events can carry more),
+  the top-m attributed, and m random events.
 - seconds per explanation: core.evidence.explain_user end to end (attributions, deletion check,
   facts), median and p95; plus explain_events alone on exactly the issue's shape (32 steps, 256
   events) with an untrained `small` model of max_len 256 (the cost does not depend on weights).
@@ -273,8 +273,9 @@ def deletion_at_injected_count(
     db: Path, loaded: object, user_id: str, att: object, injected: set[int], draws: int = 5
 ) -> dict[str, object]:
     """The deletion check at k = m, the injected events inside the explained window: how much
-    of the target removing all of them takes away (what a perfect explanation could remove),
-    against the top-m attributed events and m random ones (mean of ``draws``). Fraud often
+    of the target removing all of them takes away,
+    against the top-m attributed events and m random ones (mean of ``draws``). The injected
+    events' share is a reference, not a bound: other events can carry more. Fraud often
     spans dozens of events, where no 5 events can carry the score; this says whether the
     attributions find what carries it. Empty when the window is all or none injected."""
     from core import store
@@ -513,7 +514,7 @@ def run(args: argparse.Namespace) -> Path:
         "target, raw typicality for the unsupervised one), free of the percentile's saturation; "
         "*_m_median / all_injected: the same deletion at k = m, the number of injected events "
         "inside the window (median in injected_in_window_median): all m injected events removed "
-        "(what a perfect explanation could remove), the top-m attributed, m random (5 draws)",
+        "(the ground truth's share; not a bound), the top-m attributed, m random (5 draws)",
         "seconds_definition": "s_median / s_p95 in the quality rows: core.evidence.explain_user "
         "end to end (attributions + deletion check + facts), torch threads 2",
         "summaries_facts": f"{len(facts)} users' facts ({len(facts) - len(extra_users)} fraud "

@@ -217,6 +217,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     sizes = [200_000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     rows: list[dict[str, object]] = []
     extra: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="fraudlens-bench-") as tmp:

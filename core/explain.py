@@ -392,10 +392,18 @@ def window_target_scores(
 ) -> np.ndarray:
     """The attribution target on its own scale (fraud probability for the supervised target,
     raw typicality for the unsupervised one) of the explained window reduced to the events at
-    window positions ``keep[i]``, one value per subset: deletion checks of any size."""
+    window positions ``keep[i]`` (distinct, at least one), one value per subset: deletion
+    checks of any size."""
     encoded = loaded.featurizer.transform(events)
     rows = attribution.window_rows
-    subsets = [rows[np.sort(np.asarray(k, dtype=np.int64))] for k in keep]
+    subsets = []
+    for k in keep:
+        positions = np.unique(np.asarray(k, dtype=np.int64))
+        if positions.size == 0 or positions.size != len(k):
+            raise ValueError("each subset needs at least one event and no event twice")
+        if positions[0] < 0 or positions[-1] >= rows.size:
+            raise ValueError(f"window positions run from 0 to {rows.size - 1}")
+        subsets.append(rows[positions])
     with loaded.lock:
         _, sup, raw = _subset_scores(loaded, encoded, subsets)
     return np.asarray(sup if attribution.target == "supervised" else raw, dtype=float)

@@ -58,11 +58,12 @@ def spare_the_collector() -> int:
     garbage collector's sight; returns how many.
 
     Streamlit runs a full ``gc.collect(2)`` after every script run (``runner.postScriptGC``),
-    holding the GIL. With torch, transformers and sympy loaded that walk took 0.33 s on a
-    2-core laptop, after *each* run: before a page switch starts the next page, and after
-    each poll of a running explanation. Module-level objects live as long as the process, so
-    the collector has nothing to find among them; gc.freeze() is Python's tool for exactly
-    this (objects created later, per session, are collected as before)."""
+    holding the GIL. With torch, transformers and sympy loaded that walk took 0.33 s on the
+    2-core development VM, after *each* run: before a page switch starts the next page, and
+    after each poll of a running explanation. Module-level objects live as long as the
+    process, so the collector has nothing to find among them; gc.freeze() is Python's tool for
+    exactly this (objects created later, per session, are collected as before). A plain
+    ``streamlit run app.py`` (and AppTest) runs without it, only slower."""
     import gc
 
     gc.collect()
@@ -75,8 +76,12 @@ def main() -> None:
 
     seconds = preload()
     leave_a_core_for_the_browser()
-    spare_the_collector()
-    print(f"fraudlens: page modules loaded in {seconds:.1f} s", file=sys.stderr, flush=True)
+    frozen = spare_the_collector()
+    print(
+        f"fraudlens: page modules loaded in {seconds:.1f} s ({frozen:,} objects frozen)",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.argv = ["streamlit", "run", str(APP), *sys.argv[1:]]
     cli.main()
 

@@ -4,6 +4,7 @@ module, on a copy of the demo fixture; screenshots of each page land in test-art
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -134,8 +135,11 @@ def server(demo_env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, log)
-        # the launcher imported the explanation stack before the server began to listen
-        assert "fraudlens: page modules loaded in" in log.read_text()
+        # the launcher imported the explanation stack before the server began to listen, and
+        # froze it out of the collector's sight (hundreds of thousands of objects)
+        preloaded = r"page modules loaded in [\d.]+ s \(([\d,]+) objects frozen\)"
+        started = re.search(preloaded, log.read_text())
+        assert started and int(started.group(1).replace(",", "")) > 100_000
         yield Server(url, db, demo_env.model_id, user, case_id, proc.pid)
     finally:
         proc.terminate()

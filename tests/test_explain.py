@@ -225,6 +225,9 @@ def test_window_target_scores_agree_with_the_deletion_check(
     whole, without_top = window_target_scores(loaded, events, att, [np.arange(n), rest[::-1]])
     assert whole == pytest.approx(cf.target_before, rel=1e-5)
     assert without_top == pytest.approx(cf.target_without_top, rel=1e-5)
+    for bad in ([], [0, 0], [n]):
+        with pytest.raises(ValueError):
+            window_target_scores(loaded, events, att, [np.asarray(bad, dtype=np.int64)])
 
 
 def test_displayed_score_matches_batch_scoring(demo_env: DemoEnv, loaded: LoadedModel) -> None:
