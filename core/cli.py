@@ -12,7 +12,7 @@ import typer
 from tqdm import tqdm
 
 from core import schema, store
-from core.config import get_settings
+from core.config import MODEL_SIZE_NAMES, get_settings
 
 if TYPE_CHECKING:
     from core.evidence import Explanation
@@ -24,9 +24,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     help="fraudlens: find and explain fraudulent behaviour in e-commerce event logs.",
 )
-
-# core.model's MODEL_SIZES names, spelled here so `--help` does not import torch.
-MODEL_SIZE_NAMES = ("tiny", "small", "medium", "base")
 
 DbOption = Annotated[
     Path | None,

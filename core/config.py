@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_DB = Path("data/fraudlens.duckdb")
+# core.model.MODEL_SIZES' names, here so the CLI's --help and the pages list them without
+# importing torch (a test keeps the two equal).
+MODEL_SIZE_NAMES = ("tiny", "small", "medium", "base")
 
 
 @dataclass(frozen=True)

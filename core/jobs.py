@@ -211,17 +211,21 @@ class KeyedJobs:
         """The job for ``key`` while it runs or until its result (or failure) is older than
         the ttl; None when there is none."""
         with self._lock:
-            started, job = self._jobs.get(key, (0.0, None))
-            if job is not None and job.done() and time.monotonic() - started > self._ttl_s:
-                return None
-            return job
+            return self._live(key)
+
+    def _live(self, key: tuple) -> Future | None:
+        started, job = self._jobs.get(key, (0.0, None))
+        if job is not None and job.done() and time.monotonic() - started > self._ttl_s:
+            return None
+        return job
 
     def get(self, key: tuple, compute: Callable[[], Any]) -> Future:
         """The job for ``key``, started now if there is none. A failed job stays (the page
         shows its error) until the ttl: retrying at once would loop, as every finished job
-        reruns the page."""
-        job = self.peek(key)
+        reruns the page. Looked up and started under one lock: two sessions asking at once
+        share one computation."""
         with self._lock:
+            job = self._live(key)
             if job is None:
                 job = self._pool.submit(compute)
                 self._jobs[key] = (time.monotonic(), job)

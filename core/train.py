@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 import duckdb
 import numpy as np
@@ -27,15 +26,13 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from core import store
-from core.model import BehaviorConfig, BehaviorModel
+from core.model import BehaviorConfig, BehaviorModel, SizeName
 from core.sequences import SequenceFeaturizer, Windows, load_events, make_windows
-
-Size = Literal["tiny", "small", "medium", "base"]
 
 
 @dataclass
 class TrainConfig:
-    size: Size = "small"
+    size: SizeName = "small"
     epochs: int = 6
     batch_size: int = 32
     learning_rate: float = 2e-3

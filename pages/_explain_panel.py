@@ -121,14 +121,13 @@ def similar_cases(db_path: str, model_id: str, user: str, version: int) -> pd.Da
         return similar.similar_users(con, model_id, user, k=8)
 
 
-def wait_for(key: tuple) -> None:
+def wait_for(job: Future) -> None:
     """A placeholder that polls the job and, once it is done, reruns the page (which then
     draws the panels and stops polling: the fragment is only defined while a job runs)."""
 
     @st.fragment(run_every=0.4)
     def poll() -> None:
-        job = explain_jobs().peek(key)
-        if job is not None and job.done():
+        if job.done():
             st.rerun()
         st.caption(":material/hourglass_top: Attributing the score to events…")
 
@@ -156,14 +155,13 @@ def render(
     if not model_path or not model_id:
         st.info("Attributions need a model: train one on the Data & model page.")
         return
-    args = (db_path, model_path, user, start, end, threshold, weight, version)
     try:
-        job = explanation_job(*args)
+        job = explanation_job(db_path, model_path, user, start, end, threshold, weight, version)
     except Exception as exc:  # a model that does not load must not take the page down
         st.error(f"Could not explain {user}: {exc}")
         return
     if not job.done():
-        wait_for(args)
+        wait_for(job)
         return
     if job.exception() is not None:  # a model that cannot explain must not take the page down
         st.error(f"Could not explain {user}: {job.exception()}")

@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from core import datamodel, jobs, store
-from core.config import get_settings
+from core.config import MODEL_SIZE_NAMES, get_settings
 from core.simulate import WorldConfig
 from pages._shared import context
 from pages._upload import upload_section
@@ -134,9 +134,7 @@ else:
 settings = get_settings()
 with st.form("dm_train"):
     c1, c2, c3 = st.columns(3)
-    size = c1.selectbox(
-        "Size", ["tiny", "small", "medium", "base"], index=1, help="small: ~2 min on CPU"
-    )
+    size = c1.selectbox("Size", MODEL_SIZE_NAMES, index=1, help="small: ~2 min on CPU")
     epochs = c2.number_input("Epochs", min_value=1, max_value=50, value=3)
     supervised = c3.checkbox("Fine-tune on labels", value=True, help=SUPERVISED_HELP)
     if st.form_submit_button("Train a new model and score every user", disabled=bool(active)):

@@ -252,7 +252,7 @@ def test_end_to_end_from_featurizer_windows() -> None:
 
 
 def test_named_sizes_grow_and_the_cli_offers_each_of_them() -> None:
-    from core.cli import MODEL_SIZE_NAMES
+    from core.config import MODEL_SIZE_NAMES
     from core.model import MODEL_SIZES
 
     assert MODEL_SIZE_NAMES == tuple(MODEL_SIZES)
