@@ -229,8 +229,11 @@ def train(
         typer.Option("--supervised/--no-supervised", help="Fine-tune on labels when they exist."),
     ] = True,
     supervised_epochs: Annotated[
-        int, typer.Option(min=1, help="Fine-tuning epochs on labels.")
-    ] = 2,
+        int,
+        typer.Option(
+            min=1, help="Most fine-tuning epochs on labels (stops early on validation loss)."
+        ),
+    ] = 20,
     resume: Annotated[str | None, typer.Option(help="Model id whose checkpoint to resume.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     db: DbOption = None,

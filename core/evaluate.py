@@ -356,7 +356,7 @@ class EvaluationConfig:
     seed: int = 0
     size: str = "small"
     epochs: int = 6
-    supervised_epochs: int = 2
+    supervised_epochs: int = 20  # at most; fine-tuning stops early on validation loss
     max_len: int = 128
     unseen_seed: int | None = 1001  # a second world generated with this seed (demo data only)
     cv: int = 0  # K-fold cross-validation over users when >= 2

@@ -44,8 +44,17 @@ class TrainConfig:
     seed: int = 0
     val_share: float = 0.1
     supervised: bool = True
-    supervised_epochs: int = 2
-    supervised_learning_rate: float = 3e-4
+    # Fine-tuning: at most this many epochs, stopped early on the validation users' loss.
+    supervised_epochs: int = 20
+    supervised_learning_rate: float = 1e-3
+    supervised_patience: int = 3
+    # Each epoch sees every fraud window and this many legit windows per fraud window, drawn
+    # afresh: an epoch costs a fraction of a pass over all windows, and over the epochs the
+    # head still sees most legit behaviour. None: every window, every epoch.
+    negatives_per_positive: float | None = 4.0
+    # Weight of the next-event loss while fine-tuning: it keeps per-event surprisal meaningful,
+    # but at full weight its gradients dominate the clipped update and the head barely learns.
+    finetune_nll_weight: float = 1.0
     device: str = "auto"
     max_train_windows: int | None = None
 
@@ -227,6 +236,40 @@ def pretrain(
     }
 
 
+def _epoch_sample(
+    labels: np.ndarray, negatives_per_positive: float | None, seed: int
+) -> np.ndarray:
+    """Window indices for one fine-tuning epoch: all positives plus a fresh draw of negatives."""
+    if negatives_per_positive is None:
+        return np.arange(len(labels))
+    positives = np.flatnonzero(labels == 1)
+    negatives = np.flatnonzero(labels != 1)
+    keep = min(len(negatives), max(int(round(negatives_per_positive * len(positives))), 1))
+    drawn = np.random.default_rng(seed).choice(negatives, keep, replace=False)
+    return np.sort(np.concatenate([positives, drawn]))
+
+
+def _sequence_loss(
+    model: BehaviorModel,
+    windows: Windows,
+    labels: np.ndarray,
+    pos_weight: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> float:
+    """Class-weighted sequence loss over windows (the validation criterion of fine-tuning)."""
+    model.eval()
+    bce = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="sum")
+    labels_t = torch.from_numpy(labels.astype(np.float32))
+    total = 0.0
+    with torch.no_grad():
+        for fields, mask, idx in _batches(windows, batch_size * 2, shuffle=False, seed=0):
+            with autocast(device):
+                out = model(fields=fields.to(device), attention_mask=mask.to(device))
+            total += float(bce(out.sequence_logit.float(), labels_t[idx].to(device)))
+    return total / max(len(labels), 1)
+
+
 def finetune(
     model: BehaviorModel,
     train: Windows,
@@ -234,39 +277,55 @@ def finetune(
     cfg: TrainConfig,
     *,
     device: torch.device,
+    val: Windows | None = None,
+    val_labels: np.ndarray | None = None,
     progress: bool = True,
 ) -> dict[str, float | int]:
-    """Train the sequence head (and the backbone, gently) on labels, keeping the next-event loss.
+    """Train the sequence head (and the backbone) on labels, keeping the next-event loss.
 
-    Fraud is rare, so the positive class is up-weighted by the negative/positive ratio.
+    Fraud is rare: each epoch takes every fraud window and a fresh draw of legit ones
+    (``negatives_per_positive``), and the loss up-weights fraud by the remaining imbalance.
+    With validation windows of both classes, training stops once their loss has not improved
+    for ``supervised_patience`` epochs and the best epoch's weights are kept.
     """
     positives = float(window_labels.sum())
-    negatives = float(len(window_labels) - positives)
-    pos_weight = torch.tensor(min(negatives / max(positives, 1.0), 100.0), device=device)
+    epoch_size = len(_epoch_sample(window_labels, cfg.negatives_per_positive, cfg.seed))
+    pos_weight = torch.tensor(
+        min((epoch_size - positives) / max(positives, 1.0), 100.0), device=device
+    )
+    validate = (
+        val is not None and val_labels is not None and 0 < float(val_labels.sum()) < len(val_labels)
+    )
     model.to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.supervised_learning_rate, weight_decay=cfg.weight_decay
     )
-    steps = max(math.ceil(len(train.mask) / cfg.batch_size) * cfg.supervised_epochs, 1)
+    steps = max(math.ceil(epoch_size / cfg.batch_size) * cfg.supervised_epochs, 1)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_share * steps), steps)
     labels_all = torch.from_numpy(window_labels.astype(np.float32))
     bce = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    best_loss, best_epoch, bad_epochs = math.inf, 0, 0
+    best_weights: dict[str, torch.Tensor] | None = None
+    history: list[float] = []
+    epochs_run = 0
     for epoch in range(cfg.supervised_epochs):
+        sample = _epoch_sample(window_labels, cfg.negatives_per_positive, cfg.seed + 1000 + epoch)
+        epoch_windows = _take(train, sample)
         model.train()
         bar = tqdm(
-            total=math.ceil(len(train.mask) / cfg.batch_size),
+            total=math.ceil(len(sample) / cfg.batch_size),
             desc=f"fine-tune epoch {epoch + 1}/{cfg.supervised_epochs}",
             unit="batch",
             disable=not progress,
         )
         for fields, mask, idx in _batches(
-            train, cfg.batch_size, shuffle=True, seed=cfg.seed + 1000 + epoch
+            epoch_windows, cfg.batch_size, shuffle=True, seed=cfg.seed + 1000 + epoch
         ):
             fields, mask = fields.to(device), mask.to(device)
-            labels = labels_all[idx].to(device)
+            labels = labels_all[sample[idx]].to(device)
             with autocast(device):
                 out = model(fields=fields, attention_mask=mask)
-            loss = bce(out.sequence_logit.float(), labels) + out.nll_loss
+            loss = bce(out.sequence_logit.float(), labels) + cfg.finetune_nll_weight * out.nll_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -275,8 +334,26 @@ def finetune(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
+        epochs_run = epoch + 1
+        if not validate:
+            continue
+        assert val is not None and val_labels is not None
+        val_loss = _sequence_loss(model, val, val_labels, pos_weight, cfg.batch_size, device)
+        history.append(round(val_loss, 4))
+        if val_loss < best_loss - 1e-4:
+            best_loss, best_epoch, bad_epochs = val_loss, epoch + 1, 0
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+            if bad_epochs > cfg.supervised_patience:
+                break
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
     return {
-        "finetune_epochs": cfg.supervised_epochs,
+        "finetune_epochs": epochs_run,
+        "finetune_best_epoch": best_epoch if validate else epochs_run,
+        "finetune_val_loss": best_loss if validate else math.nan,
+        "finetune_val_history": history,  # type: ignore[dict-item]
         "positives": int(positives),
         "pos_weight": float(pos_weight),
     }
@@ -375,6 +452,8 @@ def train_model(
         else:
             window_y = y_user[train_w.user_index]
             keep = ~np.isnan(window_y)
+            val_y = y_user[val_w.user_index]
+            val_keep = ~np.isnan(val_y)
             metrics.update(
                 finetune(
                     model,
@@ -382,6 +461,8 @@ def train_model(
                     window_y[keep],
                     cfg,
                     device=device,
+                    val=_take(val_w, np.flatnonzero(val_keep)),
+                    val_labels=val_y[val_keep],
                     progress=progress,
                 )
             )

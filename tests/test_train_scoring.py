@@ -357,3 +357,70 @@ def test_ranged_scoring_uses_only_events_in_range(demo_db_copy) -> None:
     assert len(in_range) >= 20  # a user may have no events inside the range: not scored
     assert windows == (len(in_range),)
     assert full == (400,)  # the full-history scores are kept beside the ranged ones
+
+
+def test_an_epoch_sample_keeps_every_positive_and_draws_fresh_negatives() -> None:
+    from core.train import _epoch_sample
+
+    labels = np.array([1] * 5 + [0] * 95)
+    first, second = _epoch_sample(labels, 4.0, seed=1), _epoch_sample(labels, 4.0, seed=2)
+    for sample in (first, second):
+        assert set(range(5)) <= set(sample.tolist())
+        assert len(sample) == 25 and len(set(sample.tolist())) == 25
+    assert set(first.tolist()) != set(second.tolist())
+    assert _epoch_sample(labels, None, seed=1).tolist() == list(range(100))
+    # fewer negatives than asked for: all of them
+    assert len(_epoch_sample(np.array([1] * 5 + [0] * 3), 4.0, seed=1)) == 8
+
+
+def _planted_windows(n: int, seed: int) -> tuple[object, np.ndarray]:
+    """Windows whose label is whether event type 10 appears: learnable by a tiny model."""
+    from core.sequences import Windows
+
+    rng = np.random.default_rng(seed)
+    width, n_fields = 16, len(FIELDS)
+    fields = rng.integers(FIRST_REAL, FIRST_REAL + 5, size=(n, width, n_fields))
+    labels = (rng.random(n) < 0.25).astype(np.float64)
+    fields[labels == 1, rng.integers(0, width), F["event_type"]] = 10
+    return (
+        Windows(
+            fields=fields.astype(np.int32),
+            mask=np.ones((n, width), dtype=bool),
+            event_ids=np.arange(n * width).reshape(n, width),
+            user_index=np.arange(n),
+            start=np.zeros(n, dtype=np.int64),
+            primary=np.ones((n, width), dtype=bool),
+        ),
+        labels,
+    )
+
+
+def test_finetuning_learns_a_planted_signal_and_keeps_its_best_validation_epoch() -> None:
+    from core.model import BehaviorConfig, BehaviorModel
+    from core.train import _sequence_loss, finetune
+
+    torch.manual_seed(0)
+    vocab = dict.fromkeys(FIELDS, 12)
+    model = BehaviorModel(BehaviorConfig.from_size("tiny", vocab, max_len=32))
+    train, y_train = _planted_windows(160, seed=0)
+    val, y_val = _planted_windows(60, seed=1)
+    cfg = TrainConfig(
+        size="tiny", batch_size=16, supervised_epochs=12, supervised_patience=2,
+        supervised_learning_rate=3e-3, finetune_nll_weight=0.1,
+    )  # fmt: skip
+    metrics = finetune(
+        model, train, y_train, cfg, device=torch.device("cpu"), val=val, val_labels=y_val,
+        progress=False,
+    )  # fmt: skip
+    history = metrics["finetune_val_history"]
+    assert 1 <= metrics["finetune_best_epoch"] <= metrics["finetune_epochs"] <= 12
+    assert len(history) == metrics["finetune_epochs"]
+    assert metrics["finetune_val_loss"] == pytest.approx(min(history), abs=1e-4)
+    # the weights kept are the best epoch's, whatever epochs ran after it
+    pos_weight = torch.tensor(metrics["pos_weight"])
+    again = _sequence_loss(model, val, y_val, pos_weight, 16, torch.device("cpu"))
+    assert again == pytest.approx(metrics["finetune_val_loss"], rel=1e-3)
+    model.eval()
+    with torch.no_grad():
+        logits = model(fields=torch.from_numpy(val.fields.astype(np.int64))).sequence_logit
+    assert roc_auc_score(y_val, logits.numpy()) > 0.9
