@@ -265,6 +265,7 @@ def explain_user(
             score_without_top=round(check.score_without_top, 4),
             score_without_random=round(check.score_without_random, 4),
             window_events=check.window_events,
+            **check.probability_check(),
         ),
         linked=linked,
         peer_stats=peers,

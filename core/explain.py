@@ -29,6 +29,7 @@ runs under ``LoadedModel.lock``; it needs gradients, so it never runs under
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -150,6 +151,19 @@ class Counterfactual:
     target_before: float = float("nan")
     target_without_top: float = float("nan")
     target_without_random: float = float("nan")
+    target: str = ""  # "supervised" or "unsupervised": what the attributions explain
+
+    def probability_check(self) -> dict[str, float]:
+        """The check on the fraud probability when that is the target (else empty): the
+        fields core.narrate.CounterfactualFact takes for it."""
+        values = (self.target_before, self.target_without_top, self.target_without_random)
+        if self.target != "supervised" or not all(math.isfinite(v) for v in values):
+            return {}
+        return {
+            "probability_before": round(self.target_before, 4),
+            "probability_without_top": round(self.target_without_top, 4),
+            "probability_without_random": round(self.target_without_random, 4),
+        }
 
     @property
     def drop_top(self) -> float:
@@ -171,6 +185,7 @@ class Counterfactual:
                 self.score_without_top,
                 self.score_without_random,
                 self.window_events,
+                **self.probability_check(),
             )
         )
 
@@ -447,6 +462,7 @@ def counterfactual(
         target_before=float(own[0]),
         target_without_top=float(own[1]),
         target_without_random=float(np.mean(own[2:])) if draws else float(own[0]),
+        target=attribution.target,
     )
 
 

@@ -86,6 +86,12 @@ class CounterfactualFact:
     score_without_random: float
     # Events in the explained window when it is not the whole range (long histories), else None.
     window_events: int | None = None
+    # The supervised head's fraud probability, when it is what the attributions explain: the
+    # combined score mixes in the percentile, which a few events rarely move, so the
+    # probability shows how much the top events carry. None for the unsupervised target.
+    probability_before: float | None = None
+    probability_without_top: float | None = None
+    probability_without_random: float | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,14 @@ class Facts:
                 score_without_top=float(cf["score_without_top"]),
                 score_without_random=float(cf["score_without_random"]),
                 window_events=None if cf.get("window_events") is None else int(cf["window_events"]),
+                **{
+                    key: None if cf.get(key) is None else float(cf[key])
+                    for key in (
+                        "probability_before",
+                        "probability_without_top",
+                        "probability_without_random",
+                    )
+                },
             ),
             linked=tuple(
                 LinkedEntity(
@@ -319,7 +333,23 @@ def counterfactual_sentence(cf: CounterfactualFact) -> str:
         rest = f"stays at {cf.score_without_random:.2f}"
     else:
         rest = f"{'falls' if drop_random > 0 else 'rises'} to {cf.score_without_random:.2f}"
-    return f"{scope}ithout these {cf.k} {events} {top}; without {cf.k} random {events} it {rest}."
+    sentence = (
+        f"{scope}ithout these {cf.k} {events} {top}; without {cf.k} random {events} it {rest}."
+    )
+    before, without_top = cf.probability_before, cf.probability_without_top
+    if before is None or without_top is None:
+        return sentence
+    pair = _score_pair(before, without_top)
+    if pair is None:
+        change = f"stays at {before:.2f}"
+    else:
+        change = f"{'falls' if without_top < before else 'rises'} from {pair[0]} to {pair[1]}"
+    random_part = (
+        ""
+        if cf.probability_without_random is None
+        else f" ({cf.probability_without_random:.2f} without the random ones)"
+    )
+    return f"{sentence} The fraud probability {change} without them{random_part}."
 
 
 # -- prompt --------------------------------------------------------------------------------------

@@ -207,6 +207,9 @@ def test_deletion_check_removes_more_score_than_random_events(
         drops_top.append(cf.drop_top)
         drops_random.append(cf.drop_random)
         assert "ithout these 5 events the score" in cf.sentence()
+        # the fraud probability joins the line exactly when it is what was explained
+        assert ("fraud probability" in cf.sentence()) == (att.target == "supervised")
+        assert cf.target == att.target
         if att.n_events < att.n_events_total:
             assert cf.sentence().startswith(f"On the explained window of {att.n_events} events")
     assert np.mean(drops_top) > np.mean(drops_random)

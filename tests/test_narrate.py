@@ -841,3 +841,23 @@ def test_hf_local_missing_model_falls_back(tmp_path: Path) -> None:
     summary = narrate(FACTS, HFLocalNarrator(tmp_path / "absent"))
     assert summary.backend == "template" and summary.requested_backend == "hf-local"
     assert summary.message and "could not load a causal LM" in summary.message
+
+
+def test_counterfactual_sentence_adds_the_fraud_probability_it_explains() -> None:
+    cf = CounterfactualFact(
+        5, 0.93, 0.88, 0.92,
+        probability_before=0.97, probability_without_top=0.12, probability_without_random=0.95,
+    )  # fmt: skip
+    sentence = counterfactual_sentence(cf)
+    assert sentence == (
+        "Without these 5 events the score falls from 0.93 to 0.88; without 5 random events it "
+        "stays at 0.92. The fraud probability falls from 0.97 to 0.12 without them "
+        "(0.95 without the random ones)."
+    )
+    facts = make_facts(score=0.93, counterfactual=cf)
+    assert check_grounding(sentence, facts).grounded
+    # the probabilities are facts: a wrong one is caught, and they survive the JSON round trip
+    assert not check_grounding(sentence.replace("0.12", "0.31"), facts).grounded
+    assert Facts.from_dict(json.loads(json.dumps(facts.to_dict()))) == facts
+    # an unsupervised explanation (no probabilities) keeps the one-clause sentence
+    assert "probability" not in counterfactual_sentence(CounterfactualFact(5, 0.93, 0.88, 0.92))
