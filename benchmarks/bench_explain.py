@@ -522,7 +522,10 @@ def run(args: argparse.Namespace) -> Path:
         f"{args.summary_steps} steps)",
         "issue_figures": (
             f"hit-rate@5 {first.get('hit_rate_at_5')} (need >= 0.8); median drop top-5 "
-            f"{first.get('drop_top5_median')} vs random-5 {first.get('drop_random5_median')} "
+            f"on the explained target (the fraud probability when supervised) "
+            f"{first.get('target_drop_top5_median')} vs random-5 "
+            f"{first.get('target_drop_random5_median')}, on the combined score "
+            f"{first.get('drop_top5_median')} vs {first.get('drop_random5_median')} "
             f"(need >= 0.5 and well above); ungrounded shown unflagged "
             f"{template.get('ungrounded_shown_unflagged')} (need 0); {SHAPE_STEPS} steps x "
             f"{SHAPE_EVENTS} events {shape.get('s_median')} s (need <= 1 s on 2 CPU cores)"
