@@ -400,7 +400,7 @@ def prepare(db: DbOption = None) -> None:
             ).fetchall()[0][0]
         )
     if found is None:
-        typer.echo("no model yet: training the small model on this database (CPU: ~2 minutes)")
+        typer.echo("no model yet: training the small model on this database (CPU: ~4 minutes)")
         train(db=path)
     if not scored:
         score(db=path)
