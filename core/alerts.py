@@ -7,7 +7,8 @@ Active users without a stored score are scored on demand (full history, written 
 caller passes a model loader.
 
 An alert is a user whose combined score is >= the threshold. With ``weight`` given, the
-combined score is recomputed as ``combine_scores(percentile, supervised, weight)``; with
+combined score is recomputed as ``combine_scores(percentile, supervised, weight,
+aggregate=aggregate)``; with
 ``weight=None`` the stored combined score is used.
 
 **Alert day.** A per-user score has no date of its own. For "alerts per day" and the backtest
@@ -101,7 +102,8 @@ def active_scores(
         " AND (?::VARCHAR[] IS NULL OR bool_or(list_contains(?::VARCHAR[], event_type)))"
         " AND (?::VARCHAR[] IS NULL OR bool_or(list_contains(?::VARCHAR[], country))))"
         " SELECT act.user_id, act.events, act.last_seen, s.percentile_unsupervised AS percentile,"
-        " s.score_supervised AS supervised, s.score AS stored_score FROM act"
+        " s.score_supervised AS supervised, s.score_aggregate AS aggregate,"
+        " s.score AS stored_score FROM act"
         " LEFT JOIN sequence_scores s ON s.user_id = act.user_id AND s.model_id = ?"
         " AND s.window_start IS NULL AND s.window_end IS NULL"
     )
@@ -135,7 +137,12 @@ def _combined(frame: pd.DataFrame, weight: float | None) -> np.ndarray:
         return stored.to_numpy(dtype=np.float64, na_value=np.nan)
     pct = frame["percentile"].to_numpy(dtype=np.float64, na_value=np.nan)
     sup = frame["supervised"].to_numpy(dtype=np.float64, na_value=np.nan)
-    return combine_scores(pct, sup, float(weight))
+    agg = (
+        frame["aggregate"].to_numpy(dtype=np.float64, na_value=np.nan)
+        if "aggregate" in frame
+        else None
+    )
+    return combine_scores(pct, sup, float(weight), aggregate=agg)
 
 
 @dataclass(frozen=True)
@@ -292,9 +299,9 @@ def daily_alerts(
 class ThresholdData:
     """Every scored user of a model with what tuning needs; cheap to re-slice per slider move.
 
-    ``users`` columns: user_id, percentile, supervised, stored_score, active (has events in
-    the range), day (alert day in the range, NaT when not active), day_all (alert day over the
-    whole history), y_truth, y_analyst (1 / 0 / NaN, see the module docstring).
+    ``users`` columns: user_id, percentile, supervised, aggregate, stored_score, active (has
+    events in the range), day (alert day in the range, NaT when not active), day_all (alert day
+    over the whole history), y_truth, y_analyst (1 / 0 / NaN, see the module docstring).
     """
 
     users: pd.DataFrame
@@ -332,7 +339,8 @@ def threshold_data(
 ) -> ThresholdData:
     users = con.execute(
         "SELECT user_id, percentile_unsupervised AS percentile, score_supervised AS supervised,"
-        " score AS stored_score FROM sequence_scores WHERE model_id = ?"
+        " score_aggregate AS aggregate, score AS stored_score FROM sequence_scores"
+        " WHERE model_id = ?"
         " AND window_start IS NULL AND window_end IS NULL ORDER BY user_id",
         [model_id],
     ).df()

@@ -234,6 +234,14 @@ def train(
             min=1, help="Most fine-tuning epochs on labels (stops early on validation loss)."
         ),
     ] = 20,
+    aggregates: Annotated[
+        bool,
+        typer.Option(
+            "--aggregates/--no-aggregates",
+            help="With labels, also fit the account-level model on per-user aggregates "
+            "(the combined score pools it with the head and the percentile).",
+        ),
+    ] = True,
     resume: Annotated[str | None, typer.Option(help="Model id whose checkpoint to resume.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     db: DbOption = None,
@@ -248,6 +256,7 @@ def train(
         epochs=epochs,
         supervised=supervised,
         supervised_epochs=supervised_epochs,
+        aggregate_model=aggregates,
         device=device,
     )
     users = _read_users_file(users_file)

@@ -467,7 +467,7 @@ def _score_all(
     con: duckdb.DuckDBPyConnection, fitted: _FittedScorers, users: np.ndarray
 ) -> dict[str, np.ndarray]:
     from core.baselines import load_user_data
-    from core.scoring import load_model, score_users
+    from core.scoring import combine_scores, load_model, score_users
 
     loaded = load_model(fitted.transformer_path)
     frame = score_users(con, loaded, list(users), write=False).set_index("user_id")
@@ -478,6 +478,13 @@ def _score_all(
     if loaded.supervised:
         scores["transformer_supervised"] = frame["score_supervised"].to_numpy(float)
         scores["transformer_combined"] = frame["score"].to_numpy(float)
+        if loaded.aggregate is not None:
+            # what the transformer's two scores give without the account-level model: the
+            # combined score's gain over LightGBM is not just LightGBM
+            scores["transformer_combined_without_aggregates"] = combine_scores(
+                frame["percentile_unsupervised"].to_numpy(float),
+                frame["score_supervised"].to_numpy(float),
+            )
     data = load_user_data(con, list(users), fitted.featurizer)
     for scorer in fitted.baselines:
         scores[scorer.name] = np.asarray(scorer.decision_function(data), dtype=float)

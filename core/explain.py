@@ -352,13 +352,31 @@ def displayed_scores(
     row_sets: Sequence[np.ndarray],
     *,
     weight: float | None = None,
+    events: pd.DataFrame | pa.Table | None = None,
 ) -> np.ndarray:
     """The score the analyst sees (combined, 0..1) for several subsets of one user's events,
     scored as separate sequences in one batched pass (for the deletion check).
 
     A deleted event is taken out of the sequence; the remaining events keep their tokens.
+    With the raw ``events`` (every column, as ``store.user_events`` gives them) the
+    account-level model rescores each subset's aggregates too; without them its evidence is
+    left out of the combined score.
     """
-    return _subset_scores(loaded, encoded, row_sets, weight=weight)[0]
+    return _subset_scores(loaded, encoded, row_sets, weight=weight, events=events)[0]
+
+
+def _aggregate_probabilities(
+    loaded: LoadedModel,
+    encoded: EncodedEvents,
+    row_sets: Sequence[np.ndarray],
+    events: pd.DataFrame | pa.Table | None,
+) -> np.ndarray | None:
+    if loaded.aggregate is None or events is None:
+        return None
+    frame = events.to_pandas() if isinstance(events, pa.Table) else events
+    by_id = frame.set_index("event_id", drop=False)
+    subsets = [by_id.loc[encoded.event_ids[rows]].reset_index(drop=True) for rows in row_sets]
+    return loaded.aggregate.predict_event_sets(subsets)
 
 
 def _subset_scores(
@@ -367,6 +385,7 @@ def _subset_scores(
     row_sets: Sequence[np.ndarray],
     *,
     weight: float | None = None,
+    events: pd.DataFrame | pa.Table | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(displayed score, supervised probability or NaN, raw typicality) per subset."""
     max_len = int(loaded.model.config.max_len)
@@ -395,7 +414,8 @@ def _subset_scores(
     if loaded.supervised:
         sup = 1.0 / (1.0 + np.exp(-out.sequence_logit.float().cpu().numpy()))
     w = DEFAULT_UNSUPERVISED_WEIGHT if weight is None else weight
-    shown = combine_scores(pct, sup, w)
+    aggregate = _aggregate_probabilities(loaded, encoded, row_sets, events)
+    shown = combine_scores(pct, sup, w, aggregate=aggregate)
     return shown, np.full(len(row_sets), np.nan) if sup is None else sup, raw
 
 
@@ -451,7 +471,7 @@ def counterfactual(
         drop = set(rng.choice(n, size=k, replace=False).tolist()) if k else set()
         subsets.append(rows[[i for i in range(n) if i not in drop]])
     with loaded.lock:
-        scores, sup, raw = _subset_scores(loaded, encoded, subsets, weight=weight)
+        scores, sup, raw = _subset_scores(loaded, encoded, subsets, weight=weight, events=events)
     own = sup if attribution.target == "supervised" else raw
     return Counterfactual(
         k=k,

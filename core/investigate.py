@@ -42,6 +42,7 @@ class UserHeader:
     label_note: str | None
     open_cases: tuple[int, ...]  # cases holding the user that are not closed
     case_status: str | None  # the most recently updated case, "#3 investigating"
+    score_aggregate: float | None = None  # the account-level model's fraud probability
 
 
 @dataclass(frozen=True)
@@ -103,15 +104,16 @@ def user_header(
     if not counts[0]:
         return None
     score_row = con.execute(
-        "SELECT score, percentile_unsupervised, score_supervised, score_unsupervised"
-        " FROM sequence_scores WHERE user_id = ? AND model_id = ?"
+        "SELECT score, percentile_unsupervised, score_supervised, score_unsupervised,"
+        " score_aggregate FROM sequence_scores WHERE user_id = ? AND model_id = ?"
         " AND window_start IS NULL AND window_end IS NULL ORDER BY scored_at DESC LIMIT 1",
         [user_id, model_id],
     ).fetchall()
-    score = [_float(v) for v in score_row[0]] if score_row else [None] * 4
+    score = [_float(v) for v in score_row[0]] if score_row else [None] * 5
     if weight is not None and score[1] is not None:
         sup = np.array([np.nan if score[2] is None else score[2]])
-        score[0] = float(combine_scores(np.array([score[1]]), sup, weight)[0])
+        agg = np.array([np.nan if score[4] is None else score[4]])
+        score[0] = float(combine_scores(np.array([score[1]]), sup, weight, aggregate=agg)[0])
     labels = cases.latest_labels(con, [user_id])
     label = labels.iloc[0] if not labels.empty else None
     user_cases = cases.list_cases(con, user_id=user_id)
@@ -132,6 +134,7 @@ def user_header(
         label_note=None if label is None or pd.isna(label["note"]) else str(label["note"]),
         open_cases=tuple(int(c) for c in still_open["case_id"]),
         case_status=str(status.iloc[0]) if len(status) else None,
+        score_aggregate=score[4],
     )
 
 
@@ -326,6 +329,12 @@ def header_metrics(head: UserHeader) -> list[tuple[str, str, str]]:
         ("Score", fmt(head.score, ".2f"), "Combined score over the full history, in [0, 1]."),
         ("Percentile", fmt(head.percentile, ".1%"), "Unsupervised score vs the training users."),
         ("Supervised", fmt(head.score_supervised, ".2f"), "The fraud-probability head."),
+        (
+            "Account model",
+            fmt(head.score_aggregate, ".2f"),
+            "Fraud probability from the user's aggregates (rates, distinct cards and devices, "
+            "returns per purchase) by gradient boosting.",
+        ),
         ("Events in range", f"{head.n_events:,}", f"{head.n_events_total:,} in all."),
         ("Label", head.label or "—", "The latest analyst label."),
         ("Case", head.case_status or "—", "The most recently updated case."),

@@ -14,9 +14,16 @@ Scores (all "higher = more suspicious"):
   Per-event ``surprisal`` (stored in event_scores) stays the plain sum of field NLLs in nats.
 - ``score_supervised``: the sequence head's fraud probability (max over the user's windows),
   present only when the model was fine-tuned on labels.
-- ``score`` (combined): ``w * percentile_unsupervised + (1 - w) * score_supervised`` with
-  ``w = DEFAULT_UNSUPERVISED_WEIGHT``; both terms live in [0, 1], so the weight reads as "how much
-  to trust novelty vs. known fraud patterns". Without a supervised head it is the percentile.
+- ``score_aggregate``: the account-level model's fraud probability (gradient boosting on the
+  user's aggregates, see ``core.aggregate_model``), trained beside the head when labels exist.
+- ``score`` (combined): log-odds pooling of the evidence that exists,
+  ``sigmoid(w * logit(percentile_unsupervised) + (1 - w) * mean(logit(score_supervised),
+  logit(score_aggregate)))`` with ``w = DEFAULT_UNSUPERVISED_WEIGHT`` = 1/3: each of the three
+  sources gets the same weight, none is fitted (a combiner fitted on the few validation
+  fraudsters would be noise). Pooling log-odds rather than averaging probabilities lets one
+  confident source speak: a 0.999 from the head is not diluted to 0.5 by an ordinary
+  percentile. ``w`` reads as "how much to trust novelty vs. known fraud patterns"; the
+  Thresholds page moves it. Without supervised evidence the score is the percentile itself.
 """
 
 from __future__ import annotations
@@ -47,13 +54,17 @@ from core.sequences import (
 if TYPE_CHECKING:
     import torch
 
+    from core.aggregate_model import AggregateModel
     from core.model import BehaviorModel
     from core.train import TrainConfig
 
 # torch and the model are imported where they are used: pages that only read stored scores
 # (Triage, Thresholds, Cases, and Investigate's timeline) start without paying for torch.
 
-DEFAULT_UNSUPERVISED_WEIGHT = 0.5
+DEFAULT_UNSUPERVISED_WEIGHT = 1.0 / 3.0
+# Probabilities are clipped before the logit: a percentile of exactly 1 (beyond every training
+# user) or a saturated sigmoid would otherwise be infinite evidence.
+_LOGIT_EPS = 1e-5
 EVIDENCE_CAP = 256
 REFERENCE_FILE = "score_reference.json"
 
@@ -137,6 +148,7 @@ class LoadedModel:
     reference: ScoreReference
     device: torch.device
     lock: threading.Lock
+    aggregate: AggregateModel | None = None  # the account-level model, when trained with labels
 
     @property
     def supervised(self) -> bool:
@@ -144,6 +156,7 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, *, device: str = "auto") -> LoadedModel:
+    from core.aggregate_model import AggregateModel
     from core.model import BehaviorModel
     from core.train import resolve_device
 
@@ -160,19 +173,35 @@ def load_model(path: str | Path, *, device: str = "auto") -> LoadedModel:
         reference=ScoreReference.load(path),
         device=dev,
         lock=threading.Lock(),
+        aggregate=AggregateModel.load(path),
     )
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=float), _LOGIT_EPS, 1.0 - _LOGIT_EPS)
+    return np.log(p) - np.log1p(-p)
 
 
 def combine_scores(
     percentile: np.ndarray,
     supervised: np.ndarray | None,
     weight: float = DEFAULT_UNSUPERVISED_WEIGHT,
+    *,
+    aggregate: np.ndarray | None = None,
 ) -> np.ndarray:
-    if supervised is None:
-        return np.asarray(percentile, dtype=float)
-    sup = np.asarray(supervised, dtype=float)
+    """The combined score (module docstring): per user, the supervised sources present (not
+    None, not NaN) are averaged in log-odds and pooled with the percentile's log-odds."""
     pct = np.asarray(percentile, dtype=float)
-    return np.where(np.isnan(sup), pct, weight * pct + (1.0 - weight) * sup)
+    sources = [np.asarray(s, dtype=float) for s in (supervised, aggregate) if s is not None]
+    if not sources:
+        return pct
+    stacked = np.stack([_logit(s) for s in sources])
+    present = np.stack([~np.isnan(s) for s in sources])
+    n_present = present.sum(axis=0)
+    supervised_logit = np.where(present, stacked, 0.0).sum(axis=0) / np.maximum(n_present, 1)
+    pooled = weight * _logit(pct) + (1.0 - weight) * supervised_logit
+    combined = 1.0 / (1.0 + np.exp(-pooled))
+    return np.where((n_present == 0) | np.isnan(pct), pct, combined)
 
 
 @dataclass
@@ -350,6 +379,11 @@ def score_users(
     for chunk in tqdm(chunks, desc="scoring", unit="chunk", disable=not progress):
         with store.using(db) as con:
             events = load_events(con, users=chunk, start=start, end=end)
+            aggregate_features = (
+                loaded.aggregate.features(con, chunk, start, end)
+                if loaded.aggregate is not None and events.num_rows
+                else None
+            )
         if events.num_rows == 0:
             continue
         encoded = loaded.featurizer.transform(events)
@@ -360,9 +394,20 @@ def score_users(
         raw = loaded.reference.user_scores(scores.field_nll, encoded.offsets)
         pct = loaded.reference.percentile(raw)
         sup = scores.supervised if loaded.supervised else None
+        user_ids = encoded.user_ids.astype(str)
+        aggregate = None
+        if loaded.aggregate is not None and aggregate_features is not None:
+            aggregate = (
+                pd.Series(
+                    loaded.aggregate.predict_features(aggregate_features),
+                    index=aggregate_features.index.astype(str),
+                )
+                .reindex(user_ids)
+                .to_numpy(dtype=np.float64)
+            )
         frame = pd.DataFrame(
             {
-                "user_id": encoded.user_ids.astype(str),
+                "user_id": user_ids,
                 "model_id": loaded.model_id,
                 "n_events": np.diff(encoded.offsets).astype(np.int64),
                 "first_ts": encoded.ts[encoded.offsets[:-1]],
@@ -370,7 +415,10 @@ def score_users(
                 "score_unsupervised": raw,
                 "percentile_unsupervised": pct,
                 "score_supervised": scores.supervised.astype(np.float64),
-                "score": combine_scores(pct, sup),
+                "score_aggregate": (
+                    np.full(len(user_ids), np.nan) if aggregate is None else aggregate
+                ),
+                "score": combine_scores(pct, sup, aggregate=aggregate),
             }
         )
         results.append(frame)
@@ -407,6 +455,7 @@ def score_users(
                 "score_unsupervised",
                 "percentile_unsupervised",
                 "score_supervised",
+                "score_aggregate",
                 "score",
             ]
         )
@@ -447,9 +496,10 @@ def write_scores(
         )
         con.execute(
             "INSERT INTO sequence_scores (user_id, window_start, window_end, model_id, n_events, "
-            "score_unsupervised, percentile_unsupervised, score_supervised, score, scored_at) "
+            "score_unsupervised, percentile_unsupervised, score_supervised, score_aggregate, "
+            "score, scored_at) "
             "SELECT user_id, ?, ?, ?, n_events, score_unsupervised, percentile_unsupervised, "
-            "score_supervised, score, ? FROM _new_user_scores",
+            "score_supervised, score_aggregate, score, ? FROM _new_user_scores",
             [start, end, model_id, now],
         )
         if embeddings is not None:

@@ -129,6 +129,14 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE TABLE IF NOT EXISTS events_runs (batch_id BIGINT, appended_at TIMESTAMP)",
         ),
     ),
+    (
+        4,
+        (
+            # The account-level model's fraud probability (core.aggregate_model), one of the
+            # three sources the combined score pools; NULL for models trained without it.
+            "ALTER TABLE sequence_scores ADD COLUMN IF NOT EXISTS score_aggregate DOUBLE",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

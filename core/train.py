@@ -56,6 +56,9 @@ class TrainConfig:
     # dominate the clipped update) but regularises it: at 0.1 the head overfit sooner and scored
     # worse on unseen users, at 0 the unsupervised score degraded (see DESIGN.md).
     finetune_nll_weight: float = 1.0
+    # With labels, also fit the account-level model (core.aggregate_model) whose probability
+    # the combined score pools with the head's and the percentile.
+    aggregate_model: bool = True
     device: str = "auto"
     max_train_windows: int | None = None
 
@@ -470,8 +473,21 @@ def train_model(
             metrics["supervised"] = True
             model.config.has_supervised_head = True
 
+    aggregate = None
+    if cfg.supervised and cfg.aggregate_model and all_labels is not None:
+        from core.aggregate_model import AggregateModel
+
+        with store.using(db) as con:
+            aggregate = AggregateModel.fit(
+                con, all_labels[0], all_labels[1], end=until, seed=cfg.seed
+            )
+        metrics["aggregate_model"] = True
+        metrics["aggregate_trees"] = int(aggregate.booster.num_trees())
+
     model.eval()
     reference = fit_score_reference(model, featurizer, encoded, cfg, device=device)
+    if aggregate is not None:
+        aggregate.save(path)
     model.save_pretrained(path)
     featurizer.save(path)
     reference.save(path)

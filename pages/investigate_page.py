@@ -181,7 +181,8 @@ if view is None:
     st.stop()
 
 head, events = view.header, view.timeline.events
-for col, (name, value, tip) in zip(st.columns(6), investigate.header_metrics(head), strict=True):
+metrics = investigate.header_metrics(head)
+for col, (name, value, tip) in zip(st.columns(len(metrics)), metrics, strict=True):
     col.metric(name, value, help=tip)
 if head.label:
     st.caption(f"Labelled {head.label} by {head.label_analyst}: {head.label_note or 'no note'}")

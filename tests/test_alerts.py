@@ -31,7 +31,8 @@ def world(demo_env):
             [demo_env.model_id],
         ).df()
         scores = con.execute(
-            "SELECT user_id, score, percentile_unsupervised, score_supervised FROM sequence_scores"
+            "SELECT user_id, score, percentile_unsupervised, score_supervised, score_aggregate"
+            " FROM sequence_scores"
             " WHERE model_id = ? AND window_start IS NULL AND window_end IS NULL",
             [demo_env.model_id],
         ).df()
@@ -105,8 +106,12 @@ def test_reweighting_uses_combine_scores(demo_env, world) -> None:
         frame = alerts.active_scores(con, demo_env.model_id, start, end, weight=0.2)
     s = scores.loc[frame["user_id"]]
     expected = combine_scores(
-        s["percentile_unsupervised"].to_numpy(), s["score_supervised"].to_numpy(), 0.2
+        s["percentile_unsupervised"].to_numpy(),
+        s["score_supervised"].to_numpy(),
+        0.2,
+        aggregate=s["score_aggregate"].to_numpy(),
     )
+    assert s["score_aggregate"].notna().all()
     np.testing.assert_allclose(frame["score"], expected)
 
 

@@ -19,7 +19,7 @@ from core.explain import (
     resolve_target,
     window_target_scores,
 )
-from core.scoring import LoadedModel, load_model
+from core.scoring import LoadedModel, combine_scores, load_model
 from core.sequences import ABSENT, PAD, load_events
 from tests.conftest import DemoEnv
 
@@ -40,8 +40,10 @@ def fraud_users(demo_env: DemoEnv) -> list[str]:
 
 
 def _events(env: DemoEnv, user_id: str) -> pd.DataFrame:
+    """Every column, as the Investigate page passes them (the account-level model reads more
+    than the sequence fields)."""
     with store.open_db(env.db_path, read_only=True) as con:
-        return load_events(con, users=[user_id]).to_pandas()
+        return store.user_events(con, user_id)
 
 
 @pytest.mark.parametrize("target", ["supervised", "unsupervised"])
@@ -202,7 +204,7 @@ def test_deletion_check_removes_more_score_than_random_events(
         encoded = loaded.featurizer.transform(events)
         # "before" is the displayed score of the explained window itself
         assert cf.score_before == pytest.approx(
-            displayed_scores(loaded, encoded, [att.window_rows])[0], abs=1e-6
+            displayed_scores(loaded, encoded, [att.window_rows], events=events)[0], abs=1e-6
         )
         drops_top.append(cf.drop_top)
         drops_random.append(cf.drop_random)
@@ -235,15 +237,26 @@ def test_window_target_scores_agree_with_the_deletion_check(
 
 def test_displayed_score_matches_batch_scoring(demo_env: DemoEnv, loaded: LoadedModel) -> None:
     with store.open_db(demo_env.db_path, read_only=True) as con:
-        user, stored = con.execute(
-            "SELECT s.user_id, s.score FROM sequence_scores s JOIN (SELECT user_id FROM events "
+        user, stored, pct, sup, agg = con.execute(
+            "SELECT s.user_id, s.score, s.percentile_unsupervised, s.score_supervised,"
+            " s.score_aggregate FROM sequence_scores s JOIN (SELECT user_id FROM events "
             "GROUP BY user_id HAVING count(*) <= ?) e USING (user_id) WHERE s.model_id = ? "
             "AND s.window_start IS NULL ORDER BY s.user_id LIMIT 1",
             [int(loaded.model.config.max_len), loaded.model_id],
         ).fetchone()  # type: ignore[misc]
-        events = load_events(con, users=[user])
+        events = store.user_events(con, user)
+    assert loaded.aggregate is not None
+    # the account-level model summarises the frame with the store's own SQL: same probability
+    assert loaded.aggregate.predict_event_sets([events])[0] == pytest.approx(agg, rel=1e-9)
     encoded = loaded.featurizer.transform(events)
-    score = displayed_scores(loaded, encoded, [np.arange(encoded.n_events)])[0]
-    # The percentile is a step function: float noise may move it by one step (weight 0.5).
+    score = displayed_scores(loaded, encoded, [np.arange(encoded.n_events)], events=events)[0]
+    # The percentile is a step function: float noise may move it by one step.
     step = 1.0 / len(loaded.reference.quantiles)
-    assert score == pytest.approx(stored, abs=step + 1e-6)
+    low, high = (
+        combine_scores(np.array([p]), np.array([sup]), aggregate=np.array([agg]))[0]
+        for p in (max(pct - step, 0.0), min(pct + step, 1.0))
+    )
+    assert low - 1e-9 <= score <= high + 1e-9
+    assert stored == pytest.approx(
+        combine_scores(np.array([pct]), np.array([sup]), aggregate=np.array([agg]))[0]
+    )

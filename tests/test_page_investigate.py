@@ -193,7 +193,7 @@ def test_why_panels_show_attributions_similar_cases_and_a_grounded_summary(
     user = top_user(demo_db_copy.db_path, demo_db_copy.model_id)
     at = explained(open_page(demo_db_copy.db_path, user))
     markdown = " ".join(m.value for m in at.markdown)
-    assert "Without these 5 events the score" in markdown
+    assert "ithout these 5 events the score" in markdown
     assert any("Integrated gradients (32 steps)" in c.value for c in at.caption)
     assert any("Written by **template**" in c.value for c in at.caption)
     similar_table = next(d for d in at.dataframe if "similarity" in d.value.columns)

@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 from core import store
 from core.scoring import (
     ScoreReference,
+    combine_scores,
     load_model,
     score_encoded,
     score_users,
@@ -150,6 +151,8 @@ def test_a_resaved_model_directory_scores_identically(demo_env, tmp_path: Path) 
     loaded.model.save_pretrained(copy)
     loaded.featurizer.save(copy)
     loaded.reference.save(copy)
+    assert loaded.aggregate is not None  # trained with labels: the account-level model too
+    loaded.aggregate.save(copy)
     reloaded = load_model(copy)
     assert reloaded.supervised == loaded.supervised is True
     assert ScoreReference.load(copy) == loaded.reference
@@ -158,7 +161,14 @@ def test_a_resaved_model_directory_scores_identically(demo_env, tmp_path: Path) 
         users = [r[0] for r in rows]
         a = score_users(con, loaded, users, write=False)
         b = score_users(con, reloaded, users, write=False)
-    numeric = ["score_unsupervised", "percentile_unsupervised", "score_supervised", "score"]
+    numeric = [
+        "score_unsupervised",
+        "percentile_unsupervised",
+        "score_supervised",
+        "score_aggregate",
+        "score",
+    ]
+    assert a["score_aggregate"].notna().all()
     pd.testing.assert_frame_equal(a[["user_id", *numeric]], b[["user_id", *numeric]])
 
 
@@ -257,14 +267,48 @@ def test_typicality_score_matches_a_per_user_loop() -> None:
 
 
 def test_combined_score_follows_the_documented_rule(demo_env) -> None:
+    from scipy.special import expit, logit
+
     with store.open_db(demo_env.db_path, read_only=True) as con:
         frame = con.execute(
-            "SELECT percentile_unsupervised AS p, score_supervised AS s, score FROM "
-            "sequence_scores WHERE model_id = ?",
+            "SELECT percentile_unsupervised AS p, score_supervised AS s, score_aggregate AS a,"
+            " score FROM sequence_scores WHERE model_id = ?",
             [demo_env.model_id],
         ).df()
     assert frame["s"].between(0, 1).all()  # the fixture model was fine-tuned on demo truth
-    np.testing.assert_allclose(frame["score"], 0.5 * frame["p"] + 0.5 * frame["s"], rtol=1e-9)
+    assert frame["a"].between(0, 1).all()  # ... and has the account-level model
+    # the reference: equal weights on the three log-odds, probabilities clipped at 1e-5
+    clip = lambda x: np.clip(x.to_numpy(float), 1e-5, 1 - 1e-5)  # noqa: E731
+    expected = expit(
+        (logit(clip(frame["p"])) + logit(clip(frame["s"])) + logit(clip(frame["a"]))) / 3
+    )
+    np.testing.assert_allclose(frame["score"], expected, rtol=1e-9)
+
+
+def test_combine_scores_pools_the_sources_that_exist() -> None:
+    from scipy.special import expit, logit
+
+    pct = np.array([0.5, 0.9, 0.99, 0.2, np.nan])
+    sup = np.array([0.1, 0.9, np.nan, 0.7, 0.5])
+    agg = np.array([0.2, np.nan, np.nan, 0.8, 0.5])
+    got = combine_scores(pct, sup, aggregate=agg)
+    # both supervised sources: their log-odds averaged, then pooled with the percentile's
+    assert got[0] == pytest.approx(expit(logit(0.5) / 3 + (logit(0.1) + logit(0.2)) / 3))
+    # one of them missing: the other stands for the supervised evidence alone
+    assert got[1] == pytest.approx(expit(logit(0.9) / 3 + 2 * logit(0.9) / 3))
+    assert got[2] == pytest.approx(0.99)  # no supervised evidence: the percentile itself
+    assert np.isnan(got[4])  # no percentile (unscored): no combined score
+    # one confident source is not diluted towards 0.5 as a probability average would be
+    assert combine_scores(np.array([0.5]), np.array([0.999]), aggregate=np.array([0.5]))[0] > 0.9
+    # the weight moves trust between novelty and known patterns
+    assert combine_scores(pct[:1], sup[:1], 1.0, aggregate=agg[:1])[0] == pytest.approx(0.5)
+    assert combine_scores(pct[:1], sup[:1], 0.0, aggregate=agg[:1])[0] == pytest.approx(
+        expit((logit(0.1) + logit(0.2)) / 2)
+    )
+    # without an aggregate model the old two-source form remains
+    np.testing.assert_allclose(
+        combine_scores(pct[:2], sup[:2]), expit(logit(pct[:2]) / 3 + 2 * logit(sup[:2]) / 3)
+    )
 
 
 # -- training options ---------------------------------------------------------------------------
