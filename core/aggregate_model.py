@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,15 @@ def _featurizer_from_dict(data: dict[str, Any]) -> AggregateFeaturizer:
 _READABLE = (
     (re.compile(r"^count__(.+)$"), "number of '{}' events"),
     (re.compile(r"^rate__(.+)$"), "share of '{}' events"),
-    (re.compile(r"^distinct_(.+)$"), "distinct {} values"),
 )
+_DISTINCT = {
+    "device_id": "distinct devices",
+    "ip": "distinct IP addresses",
+    "country": "distinct countries",
+    "payment_id": "distinct cards",
+    "item_id": "distinct items",
+    "category": "distinct categories",
+}
 _NAMED = {
     "n_events": "events",
     "active_days": "active days",
@@ -84,10 +91,21 @@ _NAMED = {
 }
 
 
+def feature_event_type(name: str) -> str | None:
+    """The event type a per-type aggregate counts ("rate__return" -> "return"), else None."""
+    match = re.match(r"^(?:count|rate)__(.+)$", name)
+    if match is None or match.group(1) == "__other__":
+        return None
+    return match.group(1)
+
+
 def describe_feature(name: str) -> str:
     """An aggregate's column name as an analyst reads it."""
     if name in _NAMED:
         return _NAMED[name]
+    if name.startswith("distinct_"):
+        column = name.removeprefix("distinct_")
+        return _DISTINCT.get(column, f"distinct values of {column}")
     for pattern, text in _READABLE:
         match = pattern.match(name)
         if match:
@@ -102,6 +120,9 @@ class AggregateModel:
     featurizer: AggregateFeaturizer
     booster: Any  # lightgbm.Booster
     positives: int = 0
+    # The training users' median of each aggregate: what "ordinary" looks like beside a
+    # user's value when the page lists the aggregates that raised the probability.
+    medians: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def fit(
@@ -128,7 +149,12 @@ class AggregateModel:
         booster = booster.__class__(
             model_str=booster.model_to_string(num_iteration=scorer.best_iteration_)
         )
-        return cls(featurizer=featurizer, booster=booster, positives=int(y.sum()))
+        medians = {
+            str(name): float(value)
+            for name, value in features.median(skipna=True).items()
+            if np.isfinite(value)
+        }
+        return cls(featurizer=featurizer, booster=booster, positives=int(y.sum()), medians=medians)
 
     def features(
         self,
@@ -187,7 +213,8 @@ class AggregateModel:
 
     def top_contributions(self, features: pd.DataFrame, k: int = 5) -> pd.DataFrame:
         """One user's ``k`` aggregates that raised the fraud log-odds most: feature, label
-        (readable), value, contribution (log-odds). Positive contributions only."""
+        (readable), event_type (for per-type counts and shares, else None), value, median
+        (training users; NaN when unknown), contribution (log-odds). Positive ones only."""
         if len(features) != 1:
             raise ValueError("top_contributions explains one user at a time")
         contrib = self.contributions(features).iloc[0].drop("bias")
@@ -197,7 +224,9 @@ class AggregateModel:
             {
                 "feature": contrib.index.astype(str),
                 "label": [describe_feature(str(n)) for n in contrib.index],
+                "event_type": [feature_event_type(str(n)) for n in contrib.index],
                 "value": [float(values[n]) for n in contrib.index],
+                "median": [self.medians.get(str(n), np.nan) for n in contrib.index],
                 "contribution": contrib.to_numpy(dtype=np.float64),
             }
         )
@@ -206,7 +235,11 @@ class AggregateModel:
         directory = Path(model_dir) / AGGREGATE_DIR
         directory.mkdir(parents=True, exist_ok=True)
         self.booster.save_model(str(directory / _BOOSTER_FILE))
-        meta = {"featurizer": _featurizer_to_dict(self.featurizer), "positives": self.positives}
+        meta = {
+            "featurizer": _featurizer_to_dict(self.featurizer),
+            "positives": self.positives,
+            "medians": self.medians,
+        }
         (directory / _FEATURIZER_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -222,4 +255,5 @@ class AggregateModel:
             featurizer=_featurizer_from_dict(meta["featurizer"]),
             booster=lgb.Booster(model_file=str(directory / _BOOSTER_FILE)),
             positives=int(meta.get("positives", 0)),
+            medians={str(k): float(v) for k, v in meta.get("medians", {}).items()},
         )

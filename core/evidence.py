@@ -25,6 +25,7 @@ from core.explain import (
     explain_events,
 )
 from core.narrate import (
+    AccountSignal,
     CounterfactualFact,
     EventFact,
     Facts,
@@ -76,6 +77,9 @@ class Explanation:
     facts: Facts
     top_events: pd.DataFrame  # the top attributed events joined with their event columns
     timeline_attribution: pd.DataFrame  # event_id, attribution: every explained event
+    # The account-level model's top aggregates (core.aggregate_model.top_contributions) over
+    # the full history; None when the model has no account-level half.
+    account_signals: pd.DataFrame | None = None
 
 
 def population_statistics(
@@ -243,6 +247,11 @@ def explain_user(
         for r in population.itertuples(index=False)
         if r.median is not None and not pd.isna(r.median)
     )
+    account_probability, signals = None, None
+    if loaded.aggregate is not None:  # full history, as the header's probability
+        features = loaded.aggregate.features(con, [user_id])
+        account_probability = float(loaded.aggregate.predict_features(features)[0])
+        signals = loaded.aggregate.top_contributions(features, k=5)
     header = user_header(con, user_id, loaded.model_id, start, end, weight=weight)
     # The header's score when the user has been scored, else the explained window's own.
     score = check.score_before if header is None or header.score is None else header.score
@@ -270,6 +279,18 @@ def explain_user(
         linked=linked,
         peer_stats=peers,
         vocabulary=vocabulary,
+        account_probability=None if account_probability is None else round(account_probability, 4),
+        account_signals=()
+        if signals is None
+        else tuple(
+            AccountSignal(
+                label=str(r.label),
+                value=round(float(r.value), 4),
+                median=None if pd.isna(r.median) else round(float(r.median), 4),
+                event_type=None if r.event_type is None else str(r.event_type),
+            )
+            for r in signals.itertuples(index=False)
+        ),
     )
     timeline = pd.DataFrame(
         {"event_id": attribution.event_ids, "attribution": attribution.per_event}
@@ -280,6 +301,7 @@ def explain_user(
         facts=facts,
         top_events=top,
         timeline_attribution=timeline,
+        account_signals=signals,
     )
 
 

@@ -373,6 +373,9 @@ def _evidence(facts: Facts) -> _Evidence:
         category = _norm_type(e.fields.get("category", ""))
         if category:  # a purchase of gift cards is also a "gift card purchase"
             event_words.setdefault(f"{category.rstrip('s')} {key}", f"event {e.event_id}")
+    for a in facts.account_signals:  # "share of 'return' events" is about return events
+        if a.event_type:
+            event_words.setdefault(_norm_type(a.event_type), f"account signal {a.label}")
     vocabulary = {_norm_type(t) for t in (facts.vocabulary or DEMO_EVENT_TYPES)}
     vocabulary |= {_norm_type(t) for t in _COMMON_EVENT_TYPES} | set(event_words)
     vocabulary.discard("")

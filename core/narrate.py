@@ -48,6 +48,7 @@ __all__ = [
     "NarratorError",
     "NarratorTimeout",
     "OpenAICompatibleNarrator",
+    "AccountSignal",
     "PeerStat",
     "Summary",
     "SummaryCache",
@@ -124,6 +125,17 @@ class PeerStat:
 
 
 @dataclass(frozen=True)
+class AccountSignal:
+    """An aggregate of the user's history that raised the account-level model's probability
+    (TreeSHAP contribution > 0), beside the training users' median."""
+
+    label: str  # readable ("share of 'return' events", "distinct payment_id values")
+    value: float
+    median: float | None  # training users; None when unknown
+    event_type: str | None = None  # the event type a per-type count or share is about
+
+
+@dataclass(frozen=True)
 class Facts:
     user_id: str
     model_id: str
@@ -141,6 +153,10 @@ class Facts:
     # grounding check uses it to recognise an event type the text mentions but the facts lack.
     # Empty -> the demo vocabulary.
     vocabulary: tuple[str, ...] = ()
+    # The account-level model (gradient boosting on the user's aggregates): its probability
+    # over the full history and the aggregates that raised it most. Empty / None without one.
+    account_probability: float | None = None
+    account_signals: tuple[AccountSignal, ...] = ()
 
     @property
     def above_threshold(self) -> bool:
@@ -210,6 +226,20 @@ class Facts:
                 for p in data.get("peer_stats", [])
             ),
             vocabulary=tuple(str(v) for v in data.get("vocabulary", [])),
+            account_probability=(
+                None
+                if data.get("account_probability") is None
+                else float(data["account_probability"])
+            ),
+            account_signals=tuple(
+                AccountSignal(
+                    label=str(a["label"]),
+                    value=float(a["value"]),
+                    median=None if a.get("median") is None else float(a["median"]),
+                    event_type=None if a.get("event_type") is None else str(a["event_type"]),
+                )
+                for a in data.get("account_signals", [])
+            ),
         )
 
 
@@ -409,6 +439,14 @@ def facts_text(facts: Facts) -> str:
             lines.append(f"- {_KIND_WORDS.get(x.kind, x.kind)} {x.value}: {users}")
     else:
         lines.append("shared with other users: nothing")
+    if facts.account_probability is not None:
+        lines.append(
+            f"account-level model (aggregates of the whole history): fraud probability "
+            f"{_fmt(facts.account_probability)}"
+        )
+        if facts.account_signals:
+            lines.append("aggregates that raised it most (user value, training median):")
+            lines += [f"- {_signal_text(a)}" for a in facts.account_signals]
     if facts.peer_stats:
         lines.append("against the population (median, 95th percentile):")
         for p in facts.peer_stats:
@@ -418,6 +456,11 @@ def facts_text(facts: Facts) -> str:
                 f"95th percentile {_fmt(p.population_p95)}{flag}"
             )
     return "\n".join(lines)
+
+
+def _signal_text(signal: AccountSignal) -> str:
+    median = "" if signal.median is None else f" (median {_fmt(signal.median)})"
+    return f"{signal.label} is {_fmt(signal.value)}{median}"
 
 
 def build_prompt(facts: Facts) -> list[dict[str, str]]:
@@ -502,6 +545,14 @@ class TemplateNarrator:
             sentences.append(text[0].upper() + text[1:] + ".")
         else:
             sentences.append("No device, IP or card is shared with other accounts.")
+
+        if facts.account_probability is not None and facts.account_signals:
+            sentences.append(
+                "The account-level model gives a fraud probability of "
+                f"{_fmt(facts.account_probability)}, raised most by: "
+                + "; ".join(_signal_text(a) for a in facts.account_signals[:3])
+                + "."
+            )
 
         unusual = [p for p in facts.peer_stats if p.out_of_range]
         if unusual:

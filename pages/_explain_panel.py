@@ -211,6 +211,30 @@ def render(
             },
         )
 
+    if found.account_signals is not None and found.facts.account_probability is not None:
+        with st.container(border=True, key="inv_account"):
+            st.subheader("Account-level signals")
+            st.caption(
+                f"The account-level model gives {found.facts.account_probability:.2f} over the "
+                "whole history. These aggregates raised it most (TreeSHAP, in log-odds), "
+                "beside the training users' median."
+            )
+            if found.account_signals.empty:
+                st.write("No aggregate raises this user's fraud probability.")
+            else:
+                st.dataframe(
+                    found.account_signals[["label", "value", "median", "contribution"]],
+                    hide_index=True,
+                    column_config={
+                        "label": "aggregate",
+                        "value": st.column_config.NumberColumn("user", format="%.3g"),
+                        "median": st.column_config.NumberColumn("median", format="%.3g"),
+                        "contribution": st.column_config.NumberColumn(
+                            "log-odds +", format="%.2f"
+                        ),
+                    },
+                )
+
     with st.container(border=True, key="inv_similar"):
         st.subheader("Similar past cases")
         near = similar_cases(db_path, model_id, user, version)

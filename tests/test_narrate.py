@@ -18,8 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.aggregate_model import describe_feature, feature_event_type
 from core.config import Settings
 from core.narrate import (
+    AccountSignal,
     CounterfactualFact,
     EventFact,
     Facts,
@@ -428,6 +430,24 @@ def random_facts(draw: st.DrawFn) -> Facts:
             )
         )
     )
+    features = [
+        "rate__payment_failed",
+        "count__return",
+        "distinct_payment_id",
+        "distinct_device_id",
+        "return_ratio",
+        "gap_share_lt_2s",
+        "events_per_active_hour",
+    ]
+    signals = tuple(
+        AccountSignal(
+            describe_feature(name),
+            draw(amount),
+            draw(st.none() | amount),
+            feature_event_type(name),
+        )
+        for name in draw(st.lists(st.sampled_from(features), unique=True, max_size=5))
+    )
     start = draw(st.none() | times)
     cf = draw(st.none() | st.builds(CounterfactualFact, st.integers(1, 10), unit, unit, unit))
     return Facts(
@@ -443,6 +463,8 @@ def random_facts(draw: st.DrawFn) -> Facts:
         counterfactual=cf,
         linked=tuple(linked),
         peer_stats=peers,
+        account_probability=draw(st.none() | unit) if signals else None,
+        account_signals=signals,
     )
 
 
@@ -841,6 +863,27 @@ def test_hf_local_missing_model_falls_back(tmp_path: Path) -> None:
     summary = narrate(FACTS, HFLocalNarrator(tmp_path / "absent"))
     assert summary.backend == "template" and summary.requested_backend == "hf-local"
     assert summary.message and "could not load a causal LM" in summary.message
+
+
+def test_template_names_the_account_signals_and_a_wrong_value_is_caught() -> None:
+    signals = (
+        AccountSignal(describe_feature("rate__return"), 0.4213, 0.05, "return"),
+        AccountSignal(describe_feature("distinct_payment_id"), 6.0, 1.0),
+    )
+    facts = make_facts(account_probability=0.9312, account_signals=signals)
+    assert Facts.from_dict(json.loads(json.dumps(facts.to_dict()))) == facts
+    text = TemplateNarrator().generate(facts)
+    assert "account-level model gives a fraud probability of 0.93" in text
+    assert "share of 'return' events is 0.42 (median 0.05)" in text
+    assert "distinct cards is 6 (median 1)" in text
+    assert check_grounding(text, facts).grounded, check_grounding(text, facts).problems
+    assert "account-level model" in build_prompt(facts)[1]["content"]
+    # the same sentence about aggregates the facts do not hold is not grounded
+    wrong = text.replace("is 6 (median 1)", "is 9 (median 1)")
+    assert not check_grounding(wrong, facts).grounded
+    # a return event claimed without the account signal that names returns is a claim too
+    bare = make_facts(account_probability=0.9312)
+    assert not check_grounding("Returns: share of 'return' events is high.", bare).grounded
 
 
 def test_counterfactual_sentence_adds_the_fraud_probability_it_explains() -> None:

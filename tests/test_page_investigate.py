@@ -198,6 +198,11 @@ def test_why_panels_show_attributions_similar_cases_and_a_grounded_summary(
     assert any("Written by **template**" in c.value for c in at.caption)
     similar_table = next(d for d in at.dataframe if "similarity" in d.value.columns)
     assert len(similar_table.value) == 8 and user not in set(similar_table.value["user_id"])
+    # the account-level model's reasons: aggregates that raised its probability, with medians
+    assert any(h.value == "Account-level signals" for h in at.subheader)
+    signals = next(d for d in at.dataframe if "contribution" in d.value.columns).value
+    assert len(signals) >= 1 and (signals["contribution"] > 0).all()
+    assert signals["label"].str.len().gt(0).all()
     at.toggle(key=f"inv_attr_tl_{user}").set_value(True).run()
     assert not at.exception
     # What the analyst saw is kept, and a case export carries it.
