@@ -87,7 +87,9 @@ def tuner() -> None:
         1.0,
         step=0.05,
         key="thr_weight",
-        help="combined = w × unsupervised percentile + (1 − w) × supervised probability",
+        help="combined = sigmoid(w × logit(unsupervised percentile) + (1 − w) × mean of the "
+        "logits of the supervised probabilities: the sequence head's and the account-level "
+        "model's). w = 1/3 weighs the three sources alike.",
     )
     all_scores = data.scores(weight)
     scores = all_scores[data.active]  # the range's users

@@ -25,6 +25,7 @@ EXPORT_COLUMNS = [
     "model_id",
     "score_unsupervised",
     "score_supervised",
+    "score_aggregate",
     "score",
     "rank",
     "n_events",
