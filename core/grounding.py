@@ -361,6 +361,14 @@ def _evidence(facts: Facts) -> _Evidence:
         durations.append(((stamps[-1] - stamps[0]).total_seconds(), "time between top events"))
     numbers += [_Number(v, s, "time") for v, s in durations]
 
+    # An aggregate of amounts ("mean amount is 861.26") is cited as money: it may stand where
+    # the text names an amount, as a top event's price does.
+    for i, a in enumerate(facts.account_signals):
+        if re.search(r"\b(?:amounts?|prices?)\b", a.label, re.IGNORECASE):
+            for v, what in ((a.value, "value"), (a.median, "median")):
+                if v is not None and math.isfinite(v):
+                    numbers.append(_Number(float(v), f"account_signals[{i}].{what}", "price"))
+
     prices = {e.event_id: _parse_number(e.fields.get("price", "")) for e in facts.top_events}
     known = [p for p in prices.values() if p is not None]
     if len(known) > 1:

@@ -431,6 +431,8 @@ def random_facts(draw: st.DrawFn) -> Facts:
         )
     )
     features = [
+        "price_mean",
+        "price_std",
         "rate__payment_failed",
         "count__return",
         "distinct_payment_id",
@@ -869,6 +871,7 @@ def test_template_names_the_account_signals_and_a_wrong_value_is_caught() -> Non
     signals = (
         AccountSignal(describe_feature("rate__return"), 0.4213, 0.05, "return"),
         AccountSignal(describe_feature("distinct_payment_id"), 6.0, 1.0),
+        AccountSignal(describe_feature("price_mean"), 861.2612, 61.64),
     )
     facts = make_facts(account_probability=0.9312, account_signals=signals)
     assert Facts.from_dict(json.loads(json.dumps(facts.to_dict()))) == facts
@@ -876,11 +879,13 @@ def test_template_names_the_account_signals_and_a_wrong_value_is_caught() -> Non
     assert "account-level model gives a fraud probability of 0.93" in text
     assert "share of 'return' events is 0.42 (median 0.05)" in text
     assert "distinct cards is 6 (median 1)" in text
+    assert "mean amount is 861.26 (median 61.64)" in text  # an amount, cited as money
     assert check_grounding(text, facts).grounded, check_grounding(text, facts).problems
     assert "account-level model" in build_prompt(facts)[1]["content"]
     # the same sentence about aggregates the facts do not hold is not grounded
     wrong = text.replace("is 6 (median 1)", "is 9 (median 1)")
     assert not check_grounding(wrong, facts).grounded
+    assert not check_grounding(text.replace("861.26", "961.26"), facts).grounded
     # a return event claimed without the account signal that names returns is a claim too
     bare = make_facts(account_probability=0.9312)
     assert not check_grounding("Returns: share of 'return' events is high.", bare).grounded
