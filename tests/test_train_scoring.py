@@ -314,6 +314,36 @@ def test_combine_scores_pools_the_sources_that_exist() -> None:
 # -- training options ---------------------------------------------------------------------------
 
 
+def test_analyst_labels_on_bare_logs_train_the_account_level_model_on_labelled_users_only(
+    log_world: LogWorld, tmp_path: Path
+) -> None:
+    """Only user_id / ts / event_type and 12 analyst labels: the account-level model is fitted
+    on the 12 labelled users, and every user still gets a probability and a pooled score."""
+    db_path = tmp_path / "logs.duckdb"
+    shutil.copy(log_world.db_path, db_path)
+    cfg = replace(TINY, supervised=True, supervised_epochs=1)
+    with store.open_db(db_path) as con:
+        result = train_model(con, cfg, models_dir=tmp_path / "models", progress=False)
+        loaded = load_model(result.path)
+        scores = score_users(con, loaded, write=False)
+    assert result.metrics["aggregate_model"] is True
+    assert loaded.aggregate is not None and loaded.aggregate.positives == 6
+    assert scores["score_aggregate"].between(0, 1).all()
+    np.testing.assert_allclose(
+        scores["score"],
+        combine_scores(
+            scores["percentile_unsupervised"].to_numpy(),
+            scores["score_supervised"].to_numpy(),
+            aggregate=scores["score_aggregate"].to_numpy(),
+        ),
+    )
+    # and --no-aggregates leaves it out: the two-source pool
+    no_agg = replace(cfg, aggregate_model=False)
+    with store.open_db(db_path) as con:
+        bare = train_model(con, no_agg, models_dir=tmp_path / "models2", progress=False)
+    assert load_model(bare.path).aggregate is None
+
+
 def test_supervised_false_gives_nan_supervised_and_percentile_as_score(log_world: LogWorld) -> None:
     loaded = load_model(log_world.models_dir / log_world.model_id)
     assert loaded.supervised is False
