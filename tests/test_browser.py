@@ -198,11 +198,20 @@ def _metric(page, label: str):
     return card.locator('[data-testid="stMetricValue"]').first
 
 
+def _plot(page, container: str):
+    """The one Plotly graph div under `container`, once the app is idle. While a rerun replaces
+    a chart, the old graph div and the new one can both be attached for a moment (CI saw two
+    under the timeline's key), so wait for the run to finish and for exactly one."""
+    page.wait_for_selector(IDLE, state="attached")
+    plot = page.locator(f"{container} .js-plotly-plot")
+    sync_api.expect(plot).to_have_count(1, timeout=60_000)
+    return plot
+
+
 def _timeline_points(page) -> int:
     """Events drawn in the Investigate timeline (Plotly keeps its data on the graph div);
     each point's customdata starts with the event id."""
-    plot = page.locator(".st-key-inv_timeline .js-plotly-plot")
-    plot.wait_for()
+    plot = _plot(page, ".st-key-inv_timeline")
     return int(
         plot.evaluate(
             "gd => gd.data.reduce((n, t) => n + (t.customdata ? t.customdata.length : 0), 0)"
@@ -230,12 +239,12 @@ def test_every_page_renders(server: Server, page) -> None:
 
     _open(page, server, f"/investigate?user={quote(server.user)}", "Investigate")
     assert _timeline_points(page) > 0
-    page.locator(".st-key-inv_session_graph .js-plotly-plot").wait_for()
-    page.locator("[class*='st-key-inv_entities'] .js-plotly-plot").wait_for()
+    _plot(page, ".st-key-inv_session_graph")
+    _plot(page, "[class*='st-key-inv_entities']")
     _screenshot(page, "investigate")
 
     _open(page, server, "/thresholds", "Thresholds")
-    page.locator(".st-key-thr_pr .js-plotly-plot").wait_for()
+    _plot(page, ".st-key-thr_pr")
     _screenshot(page, "thresholds")
 
     _open(page, server, f"/cases?case={server.case_id}", "Cases")
@@ -269,7 +278,7 @@ def test_explanation_panels_and_a_similar_case_click(server: Server, page) -> No
     sync_api.expect(page.get_by_text("ithout these", exact=False).first).to_be_visible(
         timeout=60_000
     )
-    page.locator(".st-key-inv_fields .js-plotly-plot").wait_for()
+    _plot(page, ".st-key-inv_fields")
     sync_api.expect(page.locator(".st-key-inv_summary")).to_contain_text("Written by")
     grid = page.locator(f".st-key-inv_similar_{server.user}")
     grid.locator("canvas").first.wait_for()
