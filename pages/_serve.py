@@ -32,9 +32,18 @@ def preload() -> float:
     level = cache_log.level
     cache_log.setLevel(logging.ERROR)
     try:
+        # LightGBM: the account-level model (sklearn and scipy come with it)
+        import lightgbm  # noqa: F401
+
         import pages._explain_panel  # noqa: F401  torch, transformers, Captum, core.explain
         import pages._shared  # noqa: F401  pandas, DuckDB
-        from core import alert_charts, cases, graphs, investigate  # noqa: F401  Plotly, networkx
+        from core import (  # noqa: F401
+            aggregate_model,
+            alert_charts,
+            cases,
+            graphs,
+            investigate,  # noqa: F401  Plotly, networkx
+        )
     finally:
         cache_log.setLevel(level)
     return time.perf_counter() - started
