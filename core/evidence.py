@@ -26,7 +26,6 @@ from core.explain import (
 )
 from core.narrate import (
     AccountSignal,
-    CounterfactualFact,
     EventFact,
     Facts,
     LinkedEntity,
@@ -207,7 +206,7 @@ def explain_user(
     if events.empty:
         return None
     attribution = explain_events(loaded, events, settings)
-    check = counterfactual(loaded, events, attribution, weight=weight)
+    check = counterfactual(loaded, events, attribution, weight=weight, threshold=threshold)
 
     top = attribution.top_events(top_k)
     detail = events.set_index("event_id")
@@ -268,14 +267,7 @@ def explain_user(
         percentile=None if percentile is None else round(percentile, 4),
         threshold=float(threshold),
         top_events=tuple(event_facts),
-        counterfactual=CounterfactualFact(
-            k=check.k,
-            score_before=round(check.score_before, 4),
-            score_without_top=round(check.score_without_top, 4),
-            score_without_random=round(check.score_without_random, 4),
-            window_events=check.window_events,
-            **check.probability_check(),
-        ),
+        counterfactual=check.fact(decimals=4),
         linked=linked,
         peer_stats=peers,
         vocabulary=vocabulary,

@@ -42,6 +42,7 @@ import torch
 from captum.attr import LayerIntegratedGradients
 
 from core.model import BehaviorModel
+from core.narrate import CounterfactualFact, counterfactual_sentence
 from core.scoring import DEFAULT_UNSUPERVISED_WEIGHT, LoadedModel, combine_scores
 from core.sequences import ABSENT, PAD, EncodedEvents, make_windows
 
@@ -152,6 +153,11 @@ class Counterfactual:
     target_without_top: float = float("nan")
     target_without_random: float = float("nan")
     target: str = ""  # "supervised" or "unsupervised": what the attributions explain
+    # Larger deletions of the most attributed events, (k, displayed score, target) for k = 2x,
+    # 4x, 8x ... the check's k while some events remain: how much of the window it takes to
+    # move the score when a few events do not (scripted volume: scraping, brushing, clicks).
+    ladder: tuple[tuple[int, float, float], ...] = ()
+    threshold: float | None = None  # the alert threshold the ladder is read against
 
     def probability_check(self) -> dict[str, float]:
         """The check on the fraud probability when that is the target (else empty): the
@@ -176,18 +182,33 @@ class Counterfactual:
     def sentence(self) -> str:
         """One line an analyst reads: "Without these 3 events the score falls from 0.94 to
         0.21; without 3 random events it stays at 0.91." (core.narrate words it)."""
-        from core.narrate import CounterfactualFact, counterfactual_sentence
+        return counterfactual_sentence(self.fact())
 
-        return counterfactual_sentence(
-            CounterfactualFact(
-                self.k,
-                self.score_before,
-                self.score_without_top,
-                self.score_without_random,
-                self.window_events,
-                **self.probability_check(),
-            )
+    def fact(self, decimals: int | None = None) -> CounterfactualFact:
+        """The check as core.narrate's fact (values rounded to ``decimals`` when given)."""
+
+        def r(x: float) -> float:
+            return x if decimals is None else round(x, decimals)
+
+        return CounterfactualFact(
+            k=self.k,
+            score_before=r(self.score_before),
+            score_without_top=r(self.score_without_top),
+            score_without_random=r(self.score_without_random),
+            window_events=self.window_events,
+            ladder=tuple((k, r(score)) for k, score, _ in self.ladder),
+            threshold=self.threshold,
+            **self.probability_check(),
         )
+
+    def events_to_fall_below(self, threshold: float) -> int | None:
+        """The fewest most-attributed events (among k and the ladder's sizes) whose removal
+        takes the displayed score under ``threshold``; 0 when it is already under, None
+        when no tried deletion does."""
+        if self.score_before < threshold:
+            return 0
+        steps = [(self.k, self.score_without_top), *((k, s) for k, s, _ in self.ladder)]
+        return next((k for k, score in steps if score < threshold), None)
 
 
 # -- the differentiable target ---------------------------------------------------------------------
@@ -453,10 +474,15 @@ def counterfactual(
     random_draws: int | None = None,
     seed: int | None = None,
     weight: float | None = None,
+    threshold: float | None = None,
 ) -> Counterfactual:
     """Remove the top-k attributed events and rescore; the same for k random events (mean of
     ``random_draws`` draws) as the control. Scored on the explained window, combined with the
-    unsupervised ``weight`` the analyst's threshold uses (default: the model's)."""
+    unsupervised ``weight`` the analyst's threshold uses (default: the model's).
+
+    Also removes the top 2k, 4k, 8k ... (the ladder, all in the same batched pass): when five
+    events are a small part of a scripted burst, the analyst still learns how many of the
+    most attributed events carry the score (read against ``threshold`` when given)."""
     s = attribution.settings
     k = s.counterfactual_k if k is None else k
     draws = s.random_draws if random_draws is None else random_draws
@@ -465,24 +491,40 @@ def counterfactual(
     rows = attribution.window_rows
     n = rows.size
     k = max(0, min(k, n - 1))  # keep at least one event to score
-    top = set(np.argsort(-attribution.per_event, kind="stable")[:k].tolist())
-    subsets = [rows, rows[[i for i in range(n) if i not in top]]]
+    order = np.argsort(-attribution.per_event, kind="stable")
+
+    def without_top(m: int) -> np.ndarray:
+        return rows[np.sort(order[m:])]
+
+    subsets = [rows, without_top(k)]
     for _ in range(draws):
         drop = set(rng.choice(n, size=k, replace=False).tolist()) if k else set()
         subsets.append(rows[[i for i in range(n) if i not in drop]])
+    ladder_k: list[int] = []
+    step = 2 * k
+    while k and step < n:
+        ladder_k.append(step)
+        step *= 2
+    subsets += [without_top(m) for m in ladder_k]
     with loaded.lock:
         scores, sup, raw = _subset_scores(loaded, encoded, subsets, weight=weight, events=events)
     own = sup if attribution.target == "supervised" else raw
+    first = 2 + draws  # the ladder's subsets follow the random draws
+    ladder = tuple(
+        (m, float(scores[first + i]), float(own[first + i])) for i, m in enumerate(ladder_k)
+    )
     return Counterfactual(
         k=k,
         score_before=float(scores[0]),
         score_without_top=float(scores[1]),
-        score_without_random=float(np.mean(scores[2:])) if draws else float(scores[0]),
+        score_without_random=float(np.mean(scores[2:first])) if draws else float(scores[0]),
         window_events=int(n) if n < attribution.n_events_total else None,
         target_before=float(own[0]),
         target_without_top=float(own[1]),
-        target_without_random=float(np.mean(own[2:])) if draws else float(own[0]),
+        target_without_random=float(np.mean(own[2:first])) if draws else float(own[0]),
         target=attribution.target,
+        ladder=ladder,
+        threshold=threshold,
     )
 
 

@@ -412,6 +412,7 @@ def _evidence(facts: Facts) -> _Evidence:
         scores += [(cf.score_before, "score before the check")]
         scores += [(cf.score_without_top, "score without the top events")]
         scores += [(cf.score_without_random, "score without random events")]
+        scores += [(v, f"score without the top {k} events") for k, v in cf.ladder]
     return _Evidence(
         strings=strings,
         numbers=numbers,

@@ -93,6 +93,11 @@ class CounterfactualFact:
     probability_before: float | None = None
     probability_without_top: float | None = None
     probability_without_random: float | None = None
+    # (k, displayed score without the k most attributed events) for k = 2x, 4x ... the check's
+    # k, and the alert threshold to read them against: how much of the window carries the
+    # score when k events do not move it.
+    ladder: tuple[tuple[int, float], ...] = ()
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,8 @@ class Facts:
                 score_without_top=float(cf["score_without_top"]),
                 score_without_random=float(cf["score_without_random"]),
                 window_events=None if cf.get("window_events") is None else int(cf["window_events"]),
+                ladder=tuple((int(k), float(v)) for k, v in cf.get("ladder", [])),
+                threshold=None if cf.get("threshold") is None else float(cf["threshold"]),
                 **{
                     key: None if cf.get(key) is None else float(cf[key])
                     for key in (
@@ -367,19 +374,39 @@ def counterfactual_sentence(cf: CounterfactualFact) -> str:
         f"{scope}ithout these {cf.k} {events} {top}; without {cf.k} random {events} it {rest}."
     )
     before, without_top = cf.probability_before, cf.probability_without_top
-    if before is None or without_top is None:
-        return sentence
-    pair = _score_pair(before, without_top)
-    if pair is None:
-        change = f"stays at {before:.2f}"
-    else:
-        change = f"{'falls' if without_top < before else 'rises'} from {pair[0]} to {pair[1]}"
-    random_part = (
-        ""
-        if cf.probability_without_random is None
-        else f" ({cf.probability_without_random:.2f} without the random ones)"
+    if before is not None and without_top is not None:
+        pair = _score_pair(before, without_top)
+        if pair is None:
+            change = f"stays at {before:.2f}"
+        else:
+            change = f"{'falls' if without_top < before else 'rises'} from {pair[0]} to {pair[1]}"
+        random_part = (
+            ""
+            if cf.probability_without_random is None
+            else f" ({cf.probability_without_random:.2f} without the random ones)"
+        )
+        sentence = f"{sentence} The fraud probability {change} without them{random_part}."
+    return sentence + _ladder_sentence(cf)
+
+
+def _ladder_sentence(cf: CounterfactualFact) -> str:
+    """When the k events leave the score above the threshold: how many of the most attributed
+    events it takes to bring it under, or that even the most tried do not ("" otherwise)."""
+    thr = cf.threshold
+    if thr is None or not cf.ladder or cf.score_before < thr or cf.score_without_top < thr:
+        return ""
+    for k, score in cf.ladder:
+        if score < thr:
+            return (
+                f" Only without the {k} most attributed events does it fall to {score:.2f},"
+                f" under the alert threshold of {thr:.2f}: the evidence is spread over many"
+                " events."
+            )
+    k, score = cf.ladder[-1]
+    return (
+        f" Even without the {k} most attributed events it is {score:.2f}, still above the alert"
+        f" threshold of {thr:.2f}: the evidence is spread over most of the window."
     )
-    return f"{sentence} The fraud probability {change} without them{random_part}."
 
 
 # -- prompt --------------------------------------------------------------------------------------

@@ -217,6 +217,36 @@ def test_deletion_check_removes_more_score_than_random_events(
     assert np.mean(drops_top) > np.mean(drops_random)
 
 
+def test_deletion_ladder_rescores_ever_more_of_the_top_events(
+    demo_env: DemoEnv, loaded: LoadedModel, fraud_users: list[str]
+) -> None:
+    events = _events(demo_env, fraud_users[3])
+    att = explain_events(loaded, events, ExplainSettings(n_steps=8))
+    n = att.n_events
+    assert n > 12
+    cf = counterfactual(loaded, events, att, k=3, random_draws=2, threshold=0.5)
+    expected_k = [m for m in (6, 12, 24, 48, 96, 192) if m < n]
+    assert [k for k, _, _ in cf.ladder] == expected_k
+    # Each step agrees with an independent rescoring of the window without its top-m events.
+    encoded = loaded.featurizer.transform(events)
+    order = np.argsort(-att.per_event, kind="stable")
+    subsets = [att.window_rows[np.sort(order[m:])] for m in expected_k]
+    shown = displayed_scores(loaded, encoded, subsets, events=events)
+    own = window_target_scores(loaded, events, att, [np.sort(order[m:]) for m in expected_k])
+    for (_, score, target), s, t in zip(cf.ladder, shown, own, strict=True):
+        assert score == pytest.approx(float(s), abs=1e-6)
+        assert target == pytest.approx(float(t), rel=1e-5)
+    # the smallest tried deletion that takes the score under a threshold
+    steps = [(3, cf.score_without_top), *((k, s) for k, s, _ in cf.ladder)]
+    for thr in (0.0, cf.score_before / 2, cf.score_before + 1e-9):
+        want = 0 if cf.score_before < thr else next((k for k, s in steps if s < thr), None)
+        assert cf.events_to_fall_below(thr) == want
+    fact = cf.fact(decimals=4)
+    assert fact.threshold == 0.5 and [k for k, _ in fact.ladder] == expected_k
+    # k = 0 has no ladder
+    assert counterfactual(loaded, events, att, k=0, random_draws=0).ladder == ()
+
+
 @pytest.mark.parametrize("target", ["supervised", "unsupervised"])
 def test_window_target_scores_agree_with_the_deletion_check(
     demo_env: DemoEnv, loaded: LoadedModel, fraud_users: list[str], target: str

@@ -323,6 +323,29 @@ def test_counterfactual_sentence_shape() -> None:
     )
 
 
+def test_counterfactual_ladder_says_how_many_events_carry_the_score() -> None:
+    spread = CounterfactualFact(5, 0.97, 0.95, 0.96, ladder=((10, 0.93), (20, 0.62)), threshold=0.9)
+    assert counterfactual_sentence(spread).endswith(
+        " Only without the 20 most attributed events does it fall to 0.62, under the alert"
+        " threshold of 0.90: the evidence is spread over many events."
+    )
+    everywhere = replace(spread, ladder=((10, 0.96), (20, 0.94)))
+    assert counterfactual_sentence(everywhere).endswith(
+        " Even without the 20 most attributed events it is 0.94, still above the alert"
+        " threshold of 0.90: the evidence is spread over most of the window."
+    )
+    # Nothing to add when the k events already bring it under, or it was never above.
+    for fact in (replace(spread, score_without_top=0.3), replace(spread, score_before=0.5)):
+        assert "alert threshold" not in counterfactual_sentence(fact)
+    assert "alert threshold" not in counterfactual_sentence(replace(spread, threshold=None))
+    facts = make_facts(score=0.97, threshold=0.9, counterfactual=spread)
+    text = TemplateNarrator().generate(facts)
+    assert "Only without the 20 most attributed events does it fall to 0.62" in text
+    assert check_grounding(text, facts).grounded
+    assert not check_grounding(text.replace("the 20 most", "the 30 most"), facts).grounded
+    assert Facts.from_dict(json.loads(json.dumps(facts.to_dict()))) == facts
+
+
 def test_template_says_what_an_analyst_needs() -> None:
     text = TemplateNarrator().generate(FACTS)
     assert text.startswith("User u0042 scores 0.94, above the alert threshold of 0.80")
@@ -452,6 +475,10 @@ def random_facts(draw: st.DrawFn) -> Facts:
     )
     start = draw(st.none() | times)
     cf = draw(st.none() | st.builds(CounterfactualFact, st.integers(1, 10), unit, unit, unit))
+    threshold = draw(unit)
+    if cf is not None and draw(st.booleans()):
+        ladder = tuple((cf.k * 2**i, draw(unit)) for i in range(1, draw(st.integers(1, 4)) + 1))
+        cf = replace(cf, ladder=ladder, threshold=threshold)
     return Facts(
         user_id=f"u{draw(ids):05d}",
         model_id=f"tiny-{draw(ids)}",
@@ -460,7 +487,7 @@ def random_facts(draw: st.DrawFn) -> Facts:
         n_events=draw(st.integers(0, 2_000_000)),
         score=draw(unit),
         percentile=draw(st.none() | unit),
-        threshold=draw(unit),
+        threshold=threshold,
         top_events=top,
         counterfactual=cf,
         linked=tuple(linked),
