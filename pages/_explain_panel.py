@@ -229,9 +229,7 @@ def render(
                         "label": "aggregate",
                         "value": st.column_config.NumberColumn("user", format="%.3g"),
                         "median": st.column_config.NumberColumn("median", format="%.3g"),
-                        "contribution": st.column_config.NumberColumn(
-                            "log-odds +", format="%.2f"
-                        ),
+                        "contribution": st.column_config.NumberColumn("log-odds +", format="%.2f"),
                     },
                 )
 
