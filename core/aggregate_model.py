@@ -156,6 +156,11 @@ class AggregateModel:
         }
         return cls(featurizer=featurizer, booster=booster, positives=int(y.sum()), medians=medians)
 
+    @property
+    def n_splits(self) -> int:
+        """Splits over all trees: 0 means the model says the same for every account."""
+        return int(self.booster.feature_importance(importance_type="split").sum())
+
     def features(
         self,
         con: duckdb.DuckDBPyConnection,
