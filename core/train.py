@@ -59,10 +59,6 @@ class TrainConfig:
     # With labels, also fit the account-level model (core.aggregate_model) whose probability
     # the combined score pools with the head's and the percentile.
     aggregate_model: bool = True
-    # ... but only from this many fraud and this many legit labelled users. Its trees need
-    # 10 users a leaf; from fewer labels they find no split (or a fluke) and a constant
-    # probability in the pool would only water the head's evidence down.
-    aggregate_min_labels: int = 20
     device: str = "auto"
     max_train_windows: int | None = None
 
@@ -482,25 +478,21 @@ def train_model(
     if cfg.supervised and cfg.aggregate_model and all_labels is not None:
         from core.aggregate_model import AggregateModel
 
-        n_fraud = int(np.nansum(all_labels[1] == 1))
-        n_legit = int(np.nansum(all_labels[1] == 0))
-        if min(n_fraud, n_legit) < cfg.aggregate_min_labels:
-            # (users without a label count as not fraud, as they do for the head)
-            metrics["aggregate_skipped"] = (
-                f"{n_fraud} users labelled fraud and {n_legit} not; the account-level model"
-                f" needs {cfg.aggregate_min_labels} of each"
+        with store.using(db) as con:
+            aggregate = AggregateModel.fit(
+                con, all_labels[0], all_labels[1], end=until, seed=cfg.seed
             )
+        # Its trees need 10 users a leaf: from a dozen users they find no split, and a constant
+        # probability in the pool would only water the head's evidence down.
+        if aggregate.n_splits == 0:
+            metrics["aggregate_skipped"] = (
+                f"its trees found no split in {len(all_labels[0])} users"
+                f" ({int(np.sum(all_labels[1] == 1))} labelled fraud)"
+            )
+            aggregate = None
         else:
-            with store.using(db) as con:
-                aggregate = AggregateModel.fit(
-                    con, all_labels[0], all_labels[1], end=until, seed=cfg.seed
-                )
-            if aggregate.n_splits == 0:
-                metrics["aggregate_skipped"] = "its trees found no split in the labelled users"
-                aggregate = None
-            else:
-                metrics["aggregate_model"] = True
-                metrics["aggregate_trees"] = int(aggregate.booster.num_trees())
+            metrics["aggregate_model"] = True
+            metrics["aggregate_trees"] = int(aggregate.booster.num_trees())
 
     model.eval()
     reference = fit_score_reference(model, featurizer, encoded, cfg, device=device)

@@ -314,41 +314,24 @@ def test_combine_scores_pools_the_sources_that_exist() -> None:
 # -- training options ---------------------------------------------------------------------------
 
 
-def test_analyst_labels_on_bare_logs_train_the_account_level_model_on_labelled_users_only(
+def test_analyst_labels_on_bare_logs_train_the_account_level_model(
     log_world: LogWorld, tmp_path: Path
 ) -> None:
-    """Only user_id / ts / event_type and analyst labels. 6 fraud labels train the head but are
-    too few for the account-level model (left out, and the metrics say why); with 18 it is
-    fitted, and every user gets a probability and a pooled score."""
+    """Only user_id / ts / event_type and 12 analyst labels (6 fraud). Trained on all 36 users
+    (the unlabelled count as not fraud, as for the head) the account-level model is fitted,
+    and every user gets a probability and a pooled score. Trained on the 12 labelled users
+    alone its trees find no split: it is left out, and the metrics say why."""
     db_path = tmp_path / "logs.duckdb"
     shutil.copy(log_world.db_path, db_path)
     cfg = replace(TINY, supervised=True, supervised_epochs=1)
     with store.open_db(db_path) as con:
-        few = train_model(con, cfg, models_dir=tmp_path / "models0", progress=False)
-        assert few.metrics["supervised"] is True and few.metrics["aggregate_model"] is False
-        assert few.metrics["aggregate_skipped"] == (
-            "6 users labelled fraud and 30 not; the account-level model needs 20 of each"
-        )
-        assert load_model(few.path).aggregate is None
-        # Label everyone: fraud = the busier half on one log key, a pattern trees can split on.
-        con.execute("DELETE FROM labels")
-        con.execute(
-            "INSERT INTO labels (user_id, label, analyst, created_at, note) "
-            "SELECT user_id, CASE WHEN rank() OVER (ORDER BY count(*) FILTER "
-            "(WHERE event_type = ?), user_id) > ? THEN 'fraud' ELSE 'legit' END, 'tester', "
-            "TIMESTAMP '2026-03-05', '' FROM events GROUP BY user_id",
-            [LOG_KEYS[0], N_USERS // 2],
-        )
-        result = train_model(
-            con,
-            replace(cfg, aggregate_min_labels=N_USERS // 2),
-            models_dir=tmp_path / "models",
-            progress=False,
-        )
+        result = train_model(con, cfg, models_dir=tmp_path / "models", progress=False)
         loaded = load_model(result.path)
         scores = score_users(con, loaded, write=False)
+        labelled = [r[0] for r in con.execute("SELECT user_id FROM labels").fetchall()]
+        few = train_model(con, cfg, models_dir=tmp_path / "models0", users=labelled, progress=False)
     assert result.metrics["aggregate_model"] is True and "aggregate_skipped" not in result.metrics
-    assert loaded.aggregate is not None and loaded.aggregate.positives == N_USERS // 2
+    assert loaded.aggregate is not None and loaded.aggregate.positives == 6
     assert loaded.aggregate.n_splits > 0
     assert scores["score_aggregate"].between(0, 1).all()
     assert scores["score_aggregate"].nunique() > 1
@@ -360,8 +343,14 @@ def test_analyst_labels_on_bare_logs_train_the_account_level_model_on_labelled_u
             aggregate=scores["score_aggregate"].to_numpy(),
         ),
     )
+    assert few.metrics["supervised"] is True and few.metrics["aggregate_model"] is False
+    assert (
+        few.metrics["aggregate_skipped"]
+        == "its trees found no split in 12 users (6 labelled fraud)"
+    )
+    assert load_model(few.path).aggregate is None
     # and --no-aggregates leaves it out: the two-source pool
-    no_agg = replace(cfg, aggregate_model=False, aggregate_min_labels=N_USERS // 2)
+    no_agg = replace(cfg, aggregate_model=False)
     with store.open_db(db_path) as con:
         bare = train_model(con, no_agg, models_dir=tmp_path / "models2", progress=False)
     assert load_model(bare.path).aggregate is None
