@@ -366,8 +366,13 @@ def finetune(
 def training_labels(
     con: duckdb.DuckDBPyConnection, user_ids: Sequence[str]
 ) -> tuple[list[str], np.ndarray] | None:
-    """(users, y): 1 = fraud, 0 = legit, from demo truth or analyst labels; None when fewer
-    than 5 of either class (a head trained on less would be noise)."""
+    """(users, y): 1 = fraud, 0 = not fraud, NaN = unknown, from demo truth or analyst labels;
+    None when fewer than 5 of either class (a head trained on less would be noise).
+
+    With analyst labels, users without one count as not fraud (most accounts are not), but a
+    user whose latest label is "unsure" is unknown: the analyst said it is neither, so neither
+    the head nor the account-level model learns from it.
+    """
     from core.evaluate import load_truth
 
     try:
@@ -375,6 +380,17 @@ def training_labels(
     except LookupError:
         return None
     y = np.asarray(y, dtype=float)
+    truth_rows = con.execute("SELECT count(*) FROM truth_users").fetchone()
+    if not (truth_rows and truth_rows[0]):  # load_truth read the analysts' labels
+        unsure = {
+            str(r[0])
+            for r in con.execute(
+                "SELECT user_id FROM labels WHERE user_id IN (SELECT unnest(?::VARCHAR[]))"
+                " GROUP BY user_id HAVING lower(arg_max(label, created_at)) = 'unsure'",
+                [[str(u) for u in user_ids]],
+            ).fetchall()
+        }
+        y[[str(u) in unsure for u in user_ids]] = np.nan
     if np.nansum(y == 1) < 5 or np.nansum(y == 0) < 5:
         return None
     return list(user_ids), y

@@ -25,7 +25,7 @@ from core.scoring import (
     typicality_scores,
 )
 from core.sequences import ABSENT, FIELDS, FIRST_REAL, UNK, load_events
-from core.train import TrainConfig, train_model
+from core.train import TrainConfig, train_model, training_labels
 
 F = {name: i for i, name in enumerate(FIELDS)}
 LOG_KEYS = [f"E{i}" for i in range(1, 31)]
@@ -354,6 +354,27 @@ def test_analyst_labels_on_bare_logs_train_the_account_level_model(
     with store.open_db(db_path) as con:
         bare = train_model(con, no_agg, models_dir=tmp_path / "models2", progress=False)
     assert load_model(bare.path).aggregate is None
+
+
+def test_training_labels_leave_unsure_users_out(log_world: LogWorld, tmp_path: Path) -> None:
+    """Analyst labels: the latest label counts; "unsure" is unknown (NaN), unlabelled users
+    are not fraud."""
+    db_path = tmp_path / "logs.duckdb"
+    shutil.copy(log_world.db_path, db_path)
+    with store.open_db(db_path) as con:
+        con.execute(
+            "INSERT INTO labels (user_id, label, analyst, created_at, note) VALUES"
+            " ('host00', 'unsure', 'tester', TIMESTAMP '2026-03-06', ''),"  # was fraud
+            " ('host07', 'unsure', 'tester', TIMESTAMP '2026-03-04', ''),"  # legit since
+            " ('host20', 'Unsure', 'tester', TIMESTAMP '2026-03-06', '')"  # never labelled else
+        )
+        users = [f"host{i:02d}" for i in range(N_USERS)]
+        found = training_labels(con, users)
+    assert found is not None
+    y = dict(zip(found[0], found[1], strict=True))
+    assert np.isnan(y["host00"]) and np.isnan(y["host20"])
+    assert y["host07"] == 0 and y["host01"] == 1 and y["host30"] == 0
+    assert np.nansum(found[1]) == 5 and np.isnan(found[1]).sum() == 2
 
 
 def test_supervised_false_gives_nan_supervised_and_percentile_as_score(log_world: LogWorld) -> None:
