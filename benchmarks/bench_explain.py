@@ -84,6 +84,10 @@ class UserResult:
     target_drop_injected: float | None = None
     target_drop_top_m: float | None = None
     target_drop_random_m: float | None = None
+    # The deletion ladder against the alert threshold: was the explained window above it, and
+    # how many of the most attributed events had to go to bring it under (None: no tried k).
+    above_threshold: bool = False
+    events_to_fall_below: int | None = None
 
 
 @dataclass
@@ -257,6 +261,8 @@ def explain_sample(
                 drop_random=relative_drop(cf.score_before, cf.score_without_random),
                 target_drop_top=relative_drop(cf.target_before, cf.target_without_top),
                 target_drop_random=relative_drop(cf.target_before, cf.target_without_random),
+                above_threshold=cf.score_before >= threshold,
+                events_to_fall_below=cf.events_to_fall_below(threshold),
                 **at_m,
             )
         )
@@ -319,6 +325,11 @@ def quality_rows(results: TargetResults, device: str) -> list[dict[str, object]]
             values = [getattr(r, name) for r in members if getattr(r, name) is not None]
             return round(median(values), 3) if values else "n/a"
 
+        above = [r for r in members if r.above_threshold]
+        needed = sorted(
+            math.inf if r.events_to_fall_below is None else r.events_to_fall_below for r in above
+        )
+
         rows.append(
             {
                 "measure": "attribution quality",
@@ -336,6 +347,19 @@ def quality_rows(results: TargetResults, device: str) -> list[dict[str, object]]
                 "target_drop_all_injected_median": med("target_drop_injected"),
                 "target_drop_top_m_median": med("target_drop_top_m"),
                 "target_drop_random_m_median": med("target_drop_random_m"),
+                "above_threshold": len(above),
+                "under_threshold_without_top5_share": round(
+                    float(np.mean([r.events_to_fall_below == HIT_K for r in above])), 3
+                )
+                if above
+                else "n/a",
+                "events_to_fall_below_median": (
+                    "n/a"
+                    if not needed
+                    else "not within the ladder"
+                    if math.isinf(needed[(len(needed) - 1) // 2])
+                    else needed[(len(needed) - 1) // 2]
+                ),
                 "s_median": round(median(secs), 3) if secs else "n/a",
                 "s_p95": round(quantile(secs, 0.95), 3) if secs else "n/a",
             }
@@ -515,6 +539,11 @@ def run(args: argparse.Namespace) -> Path:
         "*_m_median / all_injected: the same deletion at k = m, the number of injected events "
         "inside the window (median in injected_in_window_median): all m injected events removed "
         "(the ground truth's share; not a bound), the top-m attributed, m random (5 draws)",
+        "ladder_definition": "above_threshold = users whose explained window's displayed score "
+        "is at or above the alert threshold; among them, under_threshold_without_top5_share = "
+        "the share that removing the 5 most attributed events takes under it, and "
+        "events_to_fall_below_median = the lower median of the fewest most-attributed events "
+        "(5, 10, 20, 40, 80 tried: the deletion ladder the Investigate line reads) that do",
         "seconds_definition": "s_median / s_p95 in the quality rows: core.evidence.explain_user "
         "end to end (attributions + deletion check + facts), torch threads 2",
         "summaries_facts": f"{len(facts)} users' facts ({len(facts) - len(extra_users)} fraud "
