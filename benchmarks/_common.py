@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -12,6 +13,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.machine import describe_machine as machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def speed_probe() -> float:
+    """Seconds for a fixed single-threaded workload (a 5M-step Python loop). This VM's speed
+    drifts by 20-40% between hours (seen on the same commit), so absolute figures from two
+    runs compare only alongside their probes; ratios within one run need none."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(5_000_000):
+        total += i
+    return round(time.perf_counter() - started, 3)
+
+
+_PROBE_AT_START = speed_probe()  # benchmarks import this module first: the run's start
 
 
 def peak_rss_mib() -> float:
@@ -30,7 +45,14 @@ def write_results(name: str, rows: list[dict[str, object]], extra: dict[str, obj
     """Write ``results/<name>.json`` and ``results/<name>.md`` (a table naming the machine)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = machine()
-    payload = {"benchmark": name, "machine": info, "results": rows, **extra}
+    probes = {"start": _PROBE_AT_START, "end": speed_probe()}
+    payload = {
+        "benchmark": name,
+        "machine": info,
+        "speed_probe_s": probes,
+        "results": rows,
+        **extra,
+    }
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
     columns = list(dict.fromkeys(k for row in rows for k in row))
     lines = [
@@ -39,6 +61,9 @@ def write_results(name: str, rows: list[dict[str, object]], extra: dict[str, obj
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB RAM"
         + (f", GPU {info['gpu']}" if info["gpu"] else ", no GPU")
         + f"; Python {info['python']}; commit {info['commit']}; {info['when']}",
+        "",
+        f"Speed probe (5M-step Python loop; lower is faster): {probes['start']} s at the start,"
+        f" {probes['end']} s at the end",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
