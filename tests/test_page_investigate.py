@@ -185,6 +185,12 @@ def test_a_model_that_does_not_load_falls_back_to_stored_scores(open_page, demo_
     at = open_page(demo_db_copy.db_path, "solo")
     assert any("Could not score solo" in w.value for w in at.warning)
     assert metric(at, "Events in range") == "1" and metric(at, "Score") == "—"
+    # The explanation starts on the page's next run (its poll's tick in a browser): it cannot
+    # load the model either, and says so where its panels would be.
+    assert any("Attributing the score" in c.value for c in at.caption)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Could not explain" in e.value for e in at.error)
 
 
 def test_why_panels_show_attributions_similar_cases_and_a_grounded_summary(
