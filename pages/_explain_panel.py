@@ -126,6 +126,10 @@ def similar_cases(db_path: str, model_id: str, user: str, version: int) -> pd.Da
         return similar.similar_users(con, model_id, user, k=8)
 
 
+def _failed_key(key: tuple) -> str:
+    return f"_explain_failed_{hash(key)}"
+
+
 def wait_for(key: tuple, start_job: Callable[[], Future]) -> None:
     """A placeholder that starts the explanation and polls it; once it is done it reruns the
     page (which then draws the panels and stops polling: the fragment is only defined while a
@@ -143,8 +147,9 @@ def wait_for(key: tuple, start_job: Callable[[], Future]) -> None:
             try:
                 job = explain_jobs().peek(key) or start_job()
             except Exception as exc:  # a model that does not load must not take the page down
-                st.error(f"Could not explain: {exc}")
-                return
+                # kept for this key, and the page rerun without the poll: no reload every tick
+                st.session_state[_failed_key(key)] = str(exc)
+                st.rerun()
             if job.done():
                 st.rerun()
         else:
@@ -176,6 +181,10 @@ def render(
         st.info("Attributions need a model: train one on the Data & model page.")
         return
     key = explanation_key(db_path, model_path, user, start, end, threshold, weight, version)
+    failed = st.session_state.get(_failed_key(key))
+    if failed is not None:
+        st.error(f"Could not explain {user}: {failed}")
+        return
     job = explain_jobs().peek(key)
     if job is None or not job.done():
         wait_for(

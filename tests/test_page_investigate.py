@@ -190,7 +190,9 @@ def test_a_model_that_does_not_load_falls_back_to_stored_scores(open_page, demo_
     assert any("Attributing the score" in c.value for c in at.caption)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    assert any("Could not explain" in e.value for e in at.error)
+    assert any("Could not explain solo" in e.value for e in at.error)
+    # and it stops there: no poll left to retry the load every tick
+    assert not any("Attributing the score" in c.value for c in at.caption)
 
 
 def test_why_panels_show_attributions_similar_cases_and_a_grounded_summary(
