@@ -49,9 +49,18 @@ def explain_jobs() -> KeyedJobs:
     return KeyedJobs()
 
 
-def explanation_key(*parts: object) -> tuple:
-    """The job key: (db_path, model_path, user, start, end, threshold, weight, version)."""
-    return tuple(parts)
+def explanation_key(
+    db_path: str,
+    model_path: str,
+    user: str,
+    start: datetime | None,
+    end: datetime | None,
+    threshold: float,
+    weight: float | None,
+    version: int,
+) -> tuple:
+    """What one explanation depends on: the page looks its job up by it before starting one."""
+    return (db_path, model_path, user, start, end, threshold, weight, version)
 
 
 def explanation_job(

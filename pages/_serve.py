@@ -37,12 +37,12 @@ def preload() -> float:
 
         import pages._explain_panel  # noqa: F401  torch, transformers, Captum, core.explain
         import pages._shared  # noqa: F401  pandas, DuckDB
-        from core import (  # noqa: F401
+        from core import (  # noqa: F401  Plotly, networkx, the account-level model
             aggregate_model,
             alert_charts,
             cases,
             graphs,
-            investigate,  # noqa: F401  Plotly, networkx
+            investigate,
         )
     finally:
         cache_log.setLevel(level)
