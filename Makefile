@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+COMPILED := $(VENV)/.compiled
 DB ?= data/fraudlens.duckdb
 PORT ?= 8501
 # Loopback by default: the app shows customer data; set ADDRESS=0.0.0.0 to share it deliberately.
@@ -19,11 +20,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Bytecode for the installed packages, once, for `make run`. The install skips it (--no-compile:
+# faster, and tests import little of each package), and where PYTHONDONTWRITEBYTECODE is set
+# (as on the development VM) Python never caches it either, so every server start compiled
+# torch, transformers and Streamlit from source again: 35 s to a listening server instead of
+# 14 s (benchmarks/bench_ui.py, side by side). About a minute on 2 cores. A few files written
+# for newer Pythons (torch's py312 test helpers) do not compile; that is harmless, hence `-`.
+$(COMPILED): $(STAMP)
+	-$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null
+	touch $(COMPILED)
+
 demo: $(STAMP)
 	$(VENV)/bin/fraudlens demo --db $(DB)
 
 # prepare: builds the demo database if absent, trains and scores a model if none exists.
-run: $(STAMP)
+run: $(COMPILED)
 	$(VENV)/bin/fraudlens prepare --db $(DB)
 	@# pages._serve = `streamlit run app.py` with torch/transformers/Captum imported first
 	FRAUDLENS_DB=$(DB) $(VENV)/bin/python -m pages._serve --server.port $(PORT) \

@@ -161,6 +161,7 @@ def score_timeline(
     max_bins: int = 1500,
     webgl_above: int = 1000,
     max_bands: int = 300,
+    rangeslider_above: int = 1000,
     threshold_label: str = "threshold",
     height: int = 420,
 ) -> go.Figure:
@@ -170,6 +171,10 @@ def score_timeline(
     every point's customdata. ``color_by`` names any column: a text column gives one trace per
     value (legend), a numeric one (e.g. an attribution) colours markers on a continuous scale.
     Events whose ``y`` is missing are not drawn (the count is in ``layout.meta``).
+    A range slider comes only above ``rangeslider_above`` points: the browser draws every trace
+    a second time inside it (measured in headless Chromium on the 2-core VM: 528 events drawn
+    in 0.47 s with it, 0.23 s without), and a short history is easier to read with the range
+    buttons and scroll-zoom.
     """
     if events.empty or "ts" not in events.columns or y not in events.columns:
         return empty_figure("No events in this range.", height=height)
@@ -288,7 +293,7 @@ def score_timeline(
         },
         xaxis={
             "title": None,
-            "rangeslider": {"visible": True, "thickness": 0.08},
+            "rangeslider": {"visible": len(shown) > rangeslider_above, "thickness": 0.08},
             "rangeselector": {
                 "buttons": [
                     {"count": 1, "label": "1d", "step": "day", "stepmode": "backward"},

@@ -12,6 +12,12 @@ from core import alert_charts, alerts, cases, store
 from core.scoring import LoadedModel
 from pages._shared import context, loaded_model, require_database, require_model
 
+state = st.session_state
+if opened := state.pop("_tri_open", None):
+    # A queue row was selected (see open_selected): switch before drawing anything, so the
+    # browser goes straight to Investigate instead of first re-rendering this page.
+    st.switch_page("pages/investigate_page.py", query_params={"user": opened})
+
 ctx = context()
 st.title("Triage")
 require_database(ctx)
@@ -107,11 +113,17 @@ if queue.empty:
     )
 else:
     table = queue.assign(percentile=queue["percentile"] * 100)
-    selection = st.dataframe(
+
+    def open_selected() -> None:
+        rows = state["tri_queue"]["selection"]["rows"]
+        if rows:
+            state["_tri_open"] = str(queue.iloc[rows[0]].user_id)
+
+    st.dataframe(
         table,
         key="tri_queue",
         hide_index=True,
-        on_select="rerun",
+        on_select=open_selected,
         selection_mode="single-row",
         column_config={
             "user_id": st.column_config.TextColumn("user", pinned=True),
@@ -124,11 +136,6 @@ else:
             "main_reason": st.column_config.TextColumn("main reason", width="large"),
         },
     )
-    rows = selection.selection.rows if selection is not None else []
-    if rows:
-        st.switch_page(
-            "pages/investigate_page.py", query_params={"user": str(queue.iloc[rows[0]].user_id)}
-        )
     st.caption("Select a row to investigate that user.")
 
 left, right = st.columns(2)

@@ -51,6 +51,9 @@ def test_timeline_one_trace_per_event_type_with_event_ids_in_customdata() -> Non
         np.testing.assert_allclose(np.asarray(trace.y), expected)
         assert "price" in trace.hovertemplate and "country" in trace.hovertemplate
         assert "text" not in trace.hovertemplate  # an all-empty field is left out
+    assert not fig.layout.xaxis.rangeslider.visible  # short history: range buttons, no slider
+    assert fig.layout.xaxis.rangeselector.buttons
+    assert charts.score_timeline(events, rangeslider_above=39).layout.xaxis.rangeslider.visible
 
 
 def test_threshold_line_and_session_bands() -> None:
@@ -79,7 +82,7 @@ def test_fifty_thousand_events_are_bounded_and_keep_the_peaks() -> None:
     (line,) = [t for t in fig.data if t.mode == "lines"]
     assert float(np.max(line.y)) == pytest.approx(events["surprisal"].max())
     assert len(shapes_named(fig, "session")) <= 300
-    assert fig.layout.xaxis.rangeslider.visible
+    assert fig.layout.xaxis.rangeslider.visible  # a long history gets the range slider
     assert elapsed < 10, f"50k-event timeline took {elapsed:.1f} s"
 
 
