@@ -203,6 +203,7 @@ class _Evidence:
     type_patterns: list[tuple[str, re.Pattern[str]]]  # normalised type -> its pattern in prose
     shapes: list[tuple[re.Pattern[str], str]]  # id patterns seen in the facts -> what they name
     users: set[str]  # lower-cased user ids in the facts
+    ids: set[str]  # lower-cased identifiers of every kind in the facts (users, entities)
     main_user: str
     labels: dict[str, set[str]]  # linked user -> labels ("" for listed but unlabelled)
     countries: set[str]  # ISO codes of the facts' countries
@@ -425,6 +426,7 @@ def _evidence(facts: Facts) -> _Evidence:
         ],
         shapes=shapes,
         users={facts.user_id.lower()} | {u.lower() for u in all_linked},
+        ids={value.strip().lower() for value, _ in id_values},
         main_user=facts.user_id.lower(),
         labels=linked_labels,
         countries=countries,
@@ -819,7 +821,11 @@ def check_grounding(text: str, facts: Facts) -> GroundingReport:
     )
     s.take(
         r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",
-        lambda m: s.bad(m.group(0), "an email address is never in the facts"),
+        lambda m: (
+            s.ok(m.group(0), "an identifier in the facts")  # logs that key users by email
+            if m.group(0).lower() in ev.ids
+            else s.bad(m.group(0), "an email address is never in the facts")
+        ),
     )
 
     # 1. Literal strings of the facts (ids, entity values, labels, field values, model id).
@@ -863,10 +869,16 @@ def check_grounding(text: str, facts: Facts) -> GroundingReport:
         _B + r"(?!(?:top|last|first|next|past|over|under|p)[-_]?\d)[A-Za-z]{1,12}[-_]?\d{3,}" + _E,
         lambda m: s.bad(m.group(0), "identifier not in the facts"),
     )
+    # Numeric ids ("user 160", as many real logs key users) are numbers in the evidence, not
+    # strings, so step 1 leaves them: the named id is looked up here.
     s.take(
         r"\b(?:device|card|ip|account|user)(?:\s+(?:id|#|no\.|number|fingerprint))?\s+#?"
         r"(?P<id>[\w\-./#]*[\d_\-][\w\-./#]*?)(?=[.,;:!?)]*(?:\s|$))",
-        lambda m: s.bad(m.group(0), "identifier not in the facts"),
+        lambda m: (
+            s.ok(m.group(0), "an identifier in the facts")
+            if m.group("id").lower() in ev.ids
+            else s.bad(m.group(0), "identifier not in the facts")
+        ),
         re.IGNORECASE,
     )
 

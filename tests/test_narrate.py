@@ -391,6 +391,16 @@ def test_linked_entity_total_users() -> None:
 
 
 ids = st.integers(0, 99_999)
+# User ids as real logs write them, not only as the demo does: numeric (RetailRocket's
+# visitorid), UUIDs, hashes, prefixed keys and emails.
+user_ids = st.one_of(
+    ids.map(lambda i: f"u{i:05d}"),
+    ids.map(str),
+    st.uuids().map(str),
+    st.integers(2**36, 2**40).map(lambda i: f"{i:x}"),
+    ids.map(lambda i: f"cust_{i}"),
+    ids.map(lambda i: f"shopper{i}@example.com"),
+)
 times = st.datetimes(datetime(2015, 1, 1), datetime(2035, 1, 1)).map(
     lambda t: t.replace(microsecond=0)
 )
@@ -434,8 +444,7 @@ def random_facts(draw: st.DrawFn) -> Facts:
     )
     linked = []
     for _ in range(draw(st.integers(0, 3))):
-        users = tuple(draw(st.lists(ids, min_size=1, max_size=7, unique=True)))
-        names = tuple(f"u{u:05d}" for u in users)
+        names = tuple(draw(st.lists(user_ids, min_size=1, max_size=7, unique=True)))
         labelled = draw(st.lists(st.sampled_from(names), unique=True))
         kind = draw(st.sampled_from(["device_id", "ip", "card_id"]))
         value = {"device_id": f"d{draw(ids):04d}", "ip": f"10.0.{draw(ids) % 250}.7"}.get(
@@ -480,7 +489,7 @@ def random_facts(draw: st.DrawFn) -> Facts:
         ladder = tuple((cf.k * 2**i, draw(unit)) for i in range(1, draw(st.integers(1, 4)) + 1))
         cf = replace(cf, ladder=ladder, threshold=threshold)
     return Facts(
-        user_id=f"u{draw(ids):05d}",
+        user_id=draw(user_ids),
         model_id=f"tiny-{draw(ids)}",
         start=start,
         end=None if start is None else draw(times.filter(lambda t: t >= start)),
@@ -503,6 +512,7 @@ INVENTIONS = [
     "The amount was 123456.789.",
     "A refund_request came last.",
     "It is shared with u99999999.",
+    "User 987654321 used the same card.",
 ]
 
 
