@@ -222,22 +222,26 @@ else:
 
 st.subheader("Linked accounts")
 hood = view.neighbourhood
-entity = graphs.entity_graph(
-    user, hood.shared, hood.scores, hood.labels, own_entities=hood.own_entities
-)
-key = f"inv_entities_{user}"
-st.plotly_chart(
-    graphs.graph_figure(entity, height=440),
-    key=key,
-    on_select=lambda: on_entity_click(key, user),
-    selection_mode="points",
-)
-hidden = entity.graph["hidden_users"]
-st.caption(
-    "Devices (■), IPs (◆) and cards (▲) of this user and who shares them; users coloured by "
-    "label (red fraud, green legit, orange unsure), else by score. Click a user to open it."
-    + (f" {hidden} more linked users not drawn." if hidden else "")
-)
+if hood.own_entities.empty and hood.shared.empty:
+    # Logs without device, IP or card columns (clickstreams, log keys): say so, not a lone dot.
+    st.info(f"No device, IP or card is recorded for {user}: there are no linked accounts.")
+else:
+    entity = graphs.entity_graph(
+        user, hood.shared, hood.scores, hood.labels, own_entities=hood.own_entities
+    )
+    key = f"inv_entities_{user}"
+    st.plotly_chart(
+        graphs.graph_figure(entity, height=440),
+        key=key,
+        on_select=lambda: on_entity_click(key, user),
+        selection_mode="points",
+    )
+    hidden = entity.graph["hidden_users"]
+    st.caption(
+        "Devices (■), IPs (◆) and cards (▲) of this user and who shares them; users coloured "
+        "by label (red fraud, green legit, orange unsure), else by score. Click a user to "
+        "open it." + (f" {hidden} more linked users not drawn." if hidden else "")
+    )
 
 if not events.empty:
     # Imported here, after the timeline and graphs are on their way to the browser: the

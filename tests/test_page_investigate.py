@@ -163,7 +163,9 @@ def test_one_event_user_works_and_is_scored_on_demand(open_page, demo_db_copy) -
     at = explained(open_page(demo_db_copy.db_path, "solo"))
     assert metric(at, "Events in range") == "1"
     assert metric(at, "Score") != "—"
-    assert len(at.get("plotly_chart")) == 4  # timeline, session, entities, attribution by field
+    assert len(at.get("plotly_chart")) == 3  # timeline, session, attribution by field
+    # no device, IP or card in its one event: a message instead of an empty entity graph
+    assert any("no linked accounts" in i.value for i in at.info)
     assert any("Too few events to test" in m.value for m in at.markdown)
     # Nobody ran `fraudlens score` for the new user: the app scored it on demand and stored it.
     with store.open_db(demo_db_copy.db_path) as con:
