@@ -96,7 +96,11 @@ def _free_port() -> int:
 
 @contextmanager
 def app_server(
-    db: Path, models: Path, log: Path, startups: list[float] | None = None
+    db: Path,
+    models: Path,
+    log: Path,
+    startups: list[float] | None = None,
+    env_extra: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """A fresh server started as `make run` starts it (`python -m pages._serve`: `streamlit run
     app.py` with the page modules imported first) on a free port; stopped by its PID on exit.
@@ -104,6 +108,7 @@ def app_server(
     port = _free_port()
     started = time.monotonic()
     env = {**os.environ, "FRAUDLENS_DB": str(db), "FRAUDLENS_MODELS": str(models)}
+    env.update(env_extra or {})
     with log.open("a") as out:
         proc = subprocess.Popen(
             [
@@ -324,8 +329,21 @@ def main() -> None:
         log = Path(tmp) / "server.log"
         inv = f"/investigate?user={quote(user)}"
         times: dict[str, list[float]] = {
-            k: [] for k in ("cold", "same", "row", "new", "tri", "tri_nav", "floor", "startup")
+            k: []
+            for k in (
+                *("cold", "same", "row", "new", "tri", "tri_nav", "floor", "startup"),
+                "startup_source",
+            )
         }
+        # Side by side with the starts below: one start that cannot use cached bytecode (an
+        # empty cache folder it may not write to), as a venv installed with --no-compile starts
+        # where PYTHONDONTWRITEBYTECODE is set, before `make run` has compiled it.
+        no_bytecode = {
+            "PYTHONPYCACHEPREFIX": str(Path(tmp) / "no-pyc"),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        with app_server(db, models, log, times["startup_source"], no_bytecode):
+            pass
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             for run in range(args.cold_runs):
@@ -376,6 +394,12 @@ def main() -> None:
             "server start",
             times["startup"],
             "until the health check answers; includes importing torch, transformers, Captum",
+        ),
+        _row(
+            "server start, no cached bytecode",
+            times["startup_source"],
+            "the same, every module compiled from source (what `make run`'s one-off "
+            "compileall saves at each start)",
         ),
         _row(
             "investigate cold",
