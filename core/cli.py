@@ -280,7 +280,7 @@ def train(
 
 
 def _load_model_or_fail(con: object, model: str | None) -> object:
-    from core.scoring import latest_model, load_model
+    from core.scoring import latest_model, load_model, resolve_model_path
 
     if model is None:
         found = latest_model(con)  # type: ignore[arg-type]
@@ -288,7 +288,10 @@ def _load_model_or_fail(con: object, model: str | None) -> object:
             raise _fail("no trained model; run `fraudlens train` first")
         path = found[1]
     else:
-        path = get_settings().models_dir / model
+        row = con.execute(  # type: ignore[attr-defined]
+            "SELECT path FROM models WHERE model_id = ?", [model]
+        ).fetchone()
+        path = resolve_model_path(model, row[0] if row else None)
     try:
         return load_model(path)
     except (FileNotFoundError, OSError, ValueError) as exc:

@@ -320,16 +320,31 @@ def register_model(
             "behavior-transformer",
             json.dumps(asdict(cfg)),
             json.dumps(metrics, default=str),
-            str(path),
+            str(Path(path).resolve()),  # absolute: the CLI and the app may run from elsewhere
         ],
     )
+
+
+def resolve_model_path(model_id: str, stored: str | Path | None) -> Path:
+    """Where a registered model's files are: the path stored with it when they are there, else
+    ``<models_dir>/<model_id>`` (a database copied to another machine or folder with its
+    models, or one registered with a path relative to where `fraudlens train` ran), else the
+    stored path as it is (loading it then names it in its error)."""
+    from core.config import get_settings
+
+    candidates = [Path(stored)] if stored else []
+    candidates.append(get_settings().models_dir / model_id)
+    for candidate in candidates:
+        if (candidate / "config.json").exists():
+            return candidate
+    return candidates[0]
 
 
 def latest_model(con: duckdb.DuckDBPyConnection) -> tuple[str, Path] | None:
     row = con.execute(
         "SELECT model_id, path FROM models ORDER BY created_at DESC LIMIT 1"
     ).fetchone()
-    return (str(row[0]), Path(row[1])) if row else None
+    return (str(row[0]), resolve_model_path(str(row[0]), row[1])) if row else None
 
 
 def _user_chunks(

@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from core import alerts, store
-from core.scoring import LoadedModel, load_model
+from core.scoring import LoadedModel, load_model, resolve_model_path
 
 DEFAULT_THRESHOLD = alerts.DEFAULT_THRESHOLD
 
@@ -76,7 +76,7 @@ def context() -> PageContext:
     model_path = None
     if models is not None and model_id is not None and not models.empty:
         match = models.loc[models["model_id"] == model_id, "path"]
-        model_path = str(match.iloc[0]) if len(match) else None
+        model_path = str(resolve_model_path(model_id, match.iloc[0])) if len(match) else None
     rng = state.get("time_range") or ()
     start, end = day_bounds(rng[0] if len(rng) > 0 else None, rng[1] if len(rng) > 1 else None)
     return PageContext(

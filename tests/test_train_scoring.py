@@ -531,3 +531,30 @@ def test_finetuning_learns_a_planted_signal_and_keeps_its_best_validation_epoch(
     with torch.no_grad():
         logits = model(fields=torch.from_numpy(val.fields.astype(np.int64))).sequence_logit
     assert roc_auc_score(y_val, logits.numpy()) > 0.9
+
+
+def test_a_model_whose_stored_path_is_stale_is_found_in_the_models_folder(
+    demo_db_copy, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from core.scoring import latest_model, load_model, resolve_model_path
+
+    env = demo_db_copy
+    with store.open_db(env.db_path) as con:
+        (stored,) = con.execute(
+            "SELECT path FROM models WHERE model_id = ?", [env.model_id]
+        ).fetchone()
+        assert Path(stored).is_absolute()  # registered absolute: any working directory works
+        # As a database copied with its models to another machine, or registered by an
+        # older version relative to where `fraudlens train` ran:
+        con.execute("UPDATE models SET path = 'data/models/' || model_id")
+    monkeypatch.chdir(tmp_path)  # no data/models here
+    monkeypatch.setenv("FRAUDLENS_MODELS", str(env.models_dir))
+    with store.open_db(env.db_path) as con:
+        found = latest_model(con)
+    assert found is not None and found[1] == env.models_dir / env.model_id
+    assert load_model(found[1]).model_id == env.model_id
+    # nowhere to be found: the stored path comes back, and loading it names it
+    monkeypatch.setenv("FRAUDLENS_MODELS", str(tmp_path / "empty"))
+    assert resolve_model_path(env.model_id, "data/models/x") == Path("data/models/x")
+    with pytest.raises(FileNotFoundError, match="data/models/x"):
+        load_model(resolve_model_path(env.model_id, "data/models/x"))
