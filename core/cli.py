@@ -86,14 +86,20 @@ def ingest(
         str | None, typer.Option(help="Column names for headerless files, comma-separated.")
     ] = None,
     ts_unit: Annotated[
-        str, typer.Option(help="Timestamp format: auto, iso, s (epoch seconds), ms.")
+        str,
+        typer.Option(
+            help="Timestamp format: auto, iso, s (epoch seconds), ms, or a strptime format"
+            " such as '%d.%m.%Y %H:%M' (with %z the offset is honoured)."
+        ),
     ] = "auto",
     db: DbOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False,
 ) -> None:
     """Validate and load event files; bad rows go to quarantine with their reason."""
-    if ts_unit not in ("auto", "iso", "s", "ms"):
-        raise _fail(f"--ts-unit must be auto, iso, s or ms, not {ts_unit!r}", 2)
+    try:
+        store.check_ts_unit(ts_unit)
+    except store.StoreError as exc:
+        raise _fail(f"--ts-unit: {exc}", 2) from None
     if no_header and not columns:
         raise _fail("--no-header needs --columns a,b,c naming the file's columns", 2)
     try:

@@ -32,7 +32,11 @@ import pyarrow as pa
 
 from core import schema
 
-TsUnit = Literal["auto", "iso", "s", "ms"]
+# How timestamps are written: detected (auto), ISO 8601 text, epoch seconds or milliseconds; or,
+# any string with a "%" in it, a strptime format for the rest ("%d.%m.%Y %H:%M", "%m/%d/%Y
+# %I:%M %p"; with %z the offset is honoured), checked by check_ts_unit.
+TsUnit = Literal["auto", "iso", "s", "ms"] | str
+TS_UNITS = ("auto", "iso", "s", "ms")
 
 # Test hook: name of an ingest step after which `_run_batch` raises, to prove atomicity.
 _FAIL_AFTER_STEP: str | None = None
@@ -466,6 +470,24 @@ def _empty(e: str) -> str:
     return f"({e} IS NULL OR trim({e}) = '')"
 
 
+def check_ts_unit(unit: str) -> str:
+    """``unit`` when it is auto, iso, s, ms or a strptime format DuckDB accepts; else an
+    IngestError saying what is allowed."""
+    if unit in TS_UNITS:
+        return unit
+    if "%" not in unit:
+        raise IngestError(
+            f"timestamp format {unit!r}: use auto, iso, s (epoch seconds), ms (epoch "
+            "milliseconds) or a strptime format such as '%d.%m.%Y %H:%M'"
+        )
+    try:
+        with duckdb.connect() as probe:
+            probe.execute("SELECT try_strptime('', ?)", [unit])
+    except duckdb.Error as exc:
+        raise IngestError(f"timestamp format {unit!r}: {_first_line(exc)}") from None
+    return unit
+
+
 def _plan_ts(e: str, kind: str, unit: TsUnit) -> _Plan:
     lo, hi = "$min_ts", "$max_ts"
     if kind == "tstz":
@@ -485,6 +507,17 @@ def _plan_ts(e: str, kind: str, unit: TsUnit) -> _Plan:
             ],
         )
     text = e if kind == "text" else f"CAST({e} AS VARCHAR)"
+    if unit not in TS_UNITS:  # a strptime format ($ts_format); %z gives an offset-aware time
+        parsed = f"try_strptime(trim({text}), $ts_format)"
+        value = f"timezone('UTC', {parsed})" if re.search(r"%[zZ]", unit) else parsed
+        return _Plan(
+            value,
+            checks=[
+                (_empty(text), "missing timestamp"),
+                ("v_ts IS NULL", "unparseable timestamp"),
+                (f"v_ts < {lo} OR v_ts >= {hi}", "absurd timestamp"),
+            ],
+        )
     helpers: dict[str, str] = {}
     if kind in ("int", "float"):
         helpers["h_ts_num"] = "CAST(NULL AS DOUBLE)" if unit == "iso" else f"CAST({e} AS DOUBLE)"
@@ -705,6 +738,7 @@ def _run_batch(
     on one thread only (the whole ingest ran ~1.6x slower on 2 cores).
     """
     started = time.perf_counter()
+    check_ts_unit(ts_unit)
     dup = _duplicate_batch(con, src.checksum)
     if dup is not None:
         return _duplicate_report(src, dup, ignored, started)
@@ -717,6 +751,7 @@ def _run_batch(
         "min_epoch": schema.MIN_TS.timestamp(),
         "max_epoch": schema.MAX_TS.timestamp(),
         "gap": schema.SESSION_GAP_MINUTES,
+        "ts_format": ts_unit,
     }
     try:
         _drop_scratch(con)

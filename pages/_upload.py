@@ -9,7 +9,13 @@ from streamlit.runtime.uploaded_file_manager import UploadedFile
 
 from core import datamodel, schema, store
 
-TS_UNITS = {"auto": "detect", "iso": "ISO text", "s": "epoch seconds", "ms": "epoch milliseconds"}
+TS_UNITS = {
+    "auto": "detect",
+    "iso": "ISO text",
+    "s": "epoch seconds",
+    "ms": "epoch milliseconds",
+    "format": "a format…",
+}
 
 
 @st.cache_data(ttl=600, max_entries=4, show_spinner="Reading the file…")
@@ -82,6 +88,14 @@ def _ingest_form(db_path: str, upload: UploadedFile) -> None:
     ts_unit = st.radio(
         "Timestamps", list(TS_UNITS), format_func=TS_UNITS.get, horizontal=True, key=f"dm_ts_{fid}"
     )
+    if ts_unit == "format":
+        ts_unit = st.text_input(
+            "Timestamp format (strptime)",
+            value="%d.%m.%Y %H:%M:%S",
+            key=f"dm_ts_format_{fid}",
+            help="For example %d.%m.%Y %H:%M or %m/%d/%Y %I:%M %p; add %z when the values "
+            "carry an offset (+0200). Without an offset the times are taken as UTC.",
+        )
     if not st.button("Validate and ingest", type="primary", key="dm_ingest"):
         return
     options = datamodel.UploadOptions(mapping, event_map, columns, ts_unit)  # type: ignore[arg-type]

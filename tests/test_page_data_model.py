@@ -233,3 +233,14 @@ def test_one_running_job_per_group_with_progress() -> None:
     for i in range(3):
         registry.wait(registry.start("x", f"n{i}", lambda report: None).job_id, timeout=10)
     assert len(registry.jobs()) == 2  # only the newest finished jobs are kept
+
+
+def test_ingest_upload_with_a_timestamp_format(tmp_path: Path) -> None:
+    body = b"when;who;what\n01.03.2024 12:00;k1;view\n31.12.2024 23:59;k1;purchase\n"
+    mapping = {"ts": "when", "user_id": "who", "event_type": "what"}
+    options = datamodel.UploadOptions(mapping=mapping, ts_unit="%d.%m.%Y %H:%M")
+    result = datamodel.ingest_upload(tmp_path / "fmt.duckdb", body, "de.csv", options)
+    assert result.report.rows_accepted == 2 and result.quarantined.empty
+    bad = datamodel.UploadOptions(mapping=mapping, ts_unit="dd.mm")
+    with pytest.raises(store.StoreError, match="timestamp format"):
+        datamodel.ingest_upload(tmp_path / "fmt.duckdb", body, "de2.csv", bad)

@@ -152,6 +152,33 @@ def test_explicit_timestamp_units(con, tmp_path: Path, unit, accepted, reasons) 
     assert {r[0] for r in con.execute("SELECT ts FROM events").fetchall()} == {T0}
 
 
+def test_a_strptime_timestamp_format_with_and_without_an_offset(con, tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "de.csv",
+        """
+        zeit;kunde;aktion
+        01.03.2024 12:00;k1;view
+        01.03.2024 14:00 +0200;k2;view
+        2024-03-01T12:00:00;k3;view
+        ;k4;view
+        """,
+    )
+    mapping = {"ts": "zeit", "user_id": "kunde", "event_type": "aktion"}
+    report = store.ingest_file(con, path, mapping=mapping, ts_unit="%d.%m.%Y %H:%M", delimiter=";")
+    # "%d.%m.%Y %H:%M" parses k1 only: k2 carries an offset the format lacks, k3 is ISO text
+    assert (report.rows_read, report.rows_accepted) == (4, 1)
+    assert report.reasons == {"unparseable timestamp": 2, "missing timestamp": 1}
+    assert con.execute("SELECT user_id, ts FROM events").fetchall() == [("k1", T0)]
+    offset = write(tmp_path / "tz.csv", "ts,user_id,event_type\n01.03.2024 14:00 +0200,k2,view\n")
+    report = store.ingest_file(con, offset, ts_unit="%d.%m.%Y %H:%M %z")
+    assert report.rows_accepted == 1  # 14:00 at +02:00 is 12:00 UTC
+    assert con.execute("SELECT ts FROM events WHERE user_id = 'k2'").fetchall() == [(T0,)]
+    for bad in ("dd.mm.yyyy", "%Q"):
+        with pytest.raises(store.IngestError, match="timestamp format"):
+            store.ingest_file(con, offset, ts_unit=bad)
+    assert con.execute("SELECT count(*) FROM events").fetchall() == [(2,)]  # nothing changed
+
+
 def test_bad_csv_quarantines_every_row_with_its_reason(con, tmp_path: Path) -> None:
     long_id = "x" * (schema.MAX_ID_LEN + 1)
     long_text = "y" * (schema.MAX_TEXT_LEN + 1)
