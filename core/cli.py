@@ -248,6 +248,14 @@ def train(
             "(the combined score pools it with the head and the percentile).",
         ),
     ] = True,
+    max_windows: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Pretrain on at most this many windows (a random sample, fixed by the seed):"
+            " caps an epoch's time on a large log; scoring still covers every user.",
+        ),
+    ] = None,
     resume: Annotated[str | None, typer.Option(help="Model id whose checkpoint to resume.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     db: DbOption = None,
@@ -264,6 +272,7 @@ def train(
         supervised_epochs=supervised_epochs,
         aggregate_model=aggregates,
         device=device,
+        max_train_windows=max_windows,
     )
     users = _read_users_file(users_file)
     until_ts = _parse_ts(until, "--until")
