@@ -92,6 +92,12 @@ def ingest(
             " such as '%d.%m.%Y %H:%M' (with %z the offset is honoured)."
         ),
     ] = "auto",
+    decimal_comma: Annotated[
+        bool,
+        typer.Option(
+            "--decimal-comma", help="Prices are written 12,99 or 1.234,50 (European exports)."
+        ),
+    ] = False,
     db: DbOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False,
 ) -> None:
@@ -125,6 +131,7 @@ def ingest(
                     event_map=events,
                     columns=names,
                     ts_unit=ts_unit,  # type: ignore[arg-type]
+                    decimal_comma=decimal_comma,
                 )
             except store.StoreError as exc:
                 failures += 1

@@ -59,6 +59,7 @@ class UploadOptions:
     event_map: dict[str, str] = field(default_factory=dict)
     columns: tuple[str, ...] | None = None
     ts_unit: store.TsUnit = "auto"
+    decimal_comma: bool = False
 
 
 @dataclass
@@ -184,6 +185,7 @@ def ingest_upload(
                 event_map=dict(options.event_map) or None,
                 columns=list(options.columns) if options.columns else None,
                 ts_unit=options.ts_unit,
+                decimal_comma=options.decimal_comma,
             )
             quarantined = con.execute(
                 "SELECT line, reason, raw FROM quarantine WHERE batch_id = ? ORDER BY line LIMIT ?",

@@ -438,6 +438,10 @@ _INT_TYPES = (
 )
 _FLOAT_TYPES = ("FLOAT", "DOUBLE", "REAL")
 _INTEGER_TEXT = r"'^\s*[+-]?[0-9]+(\.0*)?\s*$'"
+# A number written with a decimal comma and optional dots between thousands: 12,99 or
+# 1.234,50. Anything else (12.99 among them) is not read as one: a price silently off by a
+# factor of 100 would be worse than a quarantined row.
+_COMMA_DECIMAL_TEXT = r"'^\s*[+-]?([0-9]+|[0-9]{1,3}(\.[0-9]{3})+)(,[0-9]+)?\s*$'"
 # A time followed by a zone name, "Z" or an offset: "10:00:00+02:00", "10:00 UTC".
 _ZONE_SUFFIX = r"'[0-9]:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?\s*([A-Za-z]|[+-][0-9]{2}(:?[0-9]{2})?)'"
 
@@ -574,7 +578,9 @@ def _plan_text(name: str, e: str, kind: str, required: bool) -> _Plan:
     return _Plan(f"NULLIF({text}, '')", checks=checks)
 
 
-def _plan_number(name: str, e: str, kind: str, sql_type: str, integer: bool) -> _Plan:
+def _plan_number(
+    name: str, e: str, kind: str, sql_type: str, integer: bool, decimal_comma: bool = False
+) -> _Plan:
     noun = "non-integer" if integer else "non-numeric"
     if kind == "int":
         value = f"TRY_CAST({e} AS {sql_type})"
@@ -595,6 +601,12 @@ def _plan_number(name: str, e: str, kind: str, sql_type: str, integer: bool) -> 
                 f" THEN TRY_CAST(trim({text}) AS {sql_type}) END"
             )
             bad = f"NOT {_empty(text)} AND v_{name} IS NULL"
+        elif decimal_comma:
+            value = (
+                f"CASE WHEN regexp_matches({text}, {_COMMA_DECIMAL_TEXT}) THEN TRY_CAST("
+                f"replace(replace(trim({text}), '.', ''), ',', '.') AS DOUBLE) END"
+            )
+            bad = f"NOT {_empty(text)} AND v_{name} IS NULL"
         else:
             value = f"TRY_CAST({text} AS DOUBLE)"
             bad = f"NOT {_empty(text)} AND (v_{name} IS NULL OR NOT isfinite(v_{name}))"
@@ -605,7 +617,11 @@ def _plan_number(name: str, e: str, kind: str, sql_type: str, integer: bool) -> 
 
 
 def _plans(
-    resolved: dict[str, str], alias: dict[str, str], types: dict[str, str], ts_unit: TsUnit
+    resolved: dict[str, str],
+    alias: dict[str, str],
+    types: dict[str, str],
+    ts_unit: TsUnit,
+    decimal_comma: bool = False,
 ) -> dict[str, _Plan]:
     plans: dict[str, _Plan] = {}
     for col in schema.EVENT_COLUMNS:
@@ -618,8 +634,9 @@ def _plans(
         elif col.duckdb_type == "VARCHAR":
             plans[col.name] = _plan_text(col.name, e, kind, col.required)
         else:
+            integer = col.duckdb_type != "DOUBLE"
             plans[col.name] = _plan_number(
-                col.name, e, kind, col.duckdb_type, integer=col.duckdb_type != "DOUBLE"
+                col.name, e, kind, col.duckdb_type, integer, decimal_comma and not integer
             )
     return plans
 
@@ -730,6 +747,7 @@ def _run_batch(
     ignored: list[str],
     event_map: dict[str, str] | None,
     ts_unit: TsUnit,
+    decimal_comma: bool = False,
 ) -> IngestReport:
     """Validate into connection-local temp tables, then write everything in one transaction.
 
@@ -743,7 +761,8 @@ def _run_batch(
     if dup is not None:
         return _duplicate_report(src, dup, ignored, started)
     con.execute("SET TimeZone = 'UTC'")
-    plans = _plans(resolved, {n: f"__s{i}" for i, n in enumerate(src.columns)}, src.types, ts_unit)
+    alias = {n: f"__s{i}" for i, n in enumerate(src.columns)}
+    plans = _plans(resolved, alias, src.types, ts_unit, decimal_comma)
     params: dict[str, Any] = {
         **src.params,
         "min_ts": _naive_utc(schema.MIN_TS),
@@ -1193,11 +1212,13 @@ def ingest_file(
     columns: list[str] | None = None,
     ts_unit: TsUnit = "auto",
     delimiter: str | None = None,
+    decimal_comma: bool = False,
 ) -> IngestReport:
     """Ingest a CSV (optionally .gz) or Parquet file as one batch; see the module docstring.
 
     `mapping` is canonical name -> source column; `columns` names the fields of a headerless
-    CSV. Re-ingesting the same bytes is a no-op reported through `duplicate_of`.
+    CSV; `decimal_comma` reads prices written 12,99 or 1.234,50 (numbers stored as text).
+    Re-ingesting the same bytes is a no-op reported through `duplicate_of`.
     """
     path = Path(path)
     if not path.is_file():
@@ -1209,7 +1230,7 @@ def ingest_file(
     else:
         src = _csv_source(path, head, checksum, columns, delimiter)
     resolved, ignored = _resolve_columns(src.columns, mapping, path.name)
-    return _run_batch(con, src, resolved, ignored, event_map, ts_unit)
+    return _run_batch(con, src, resolved, ignored, event_map, ts_unit, decimal_comma)
 
 
 def _parquet_source(con: duckdb.DuckDBPyConnection, path: Path, checksum: str) -> _Source:

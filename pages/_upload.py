@@ -96,9 +96,12 @@ def _ingest_form(db_path: str, upload: UploadedFile) -> None:
             help="For example %d.%m.%Y %H:%M or %m/%d/%Y %I:%M %p; add %z when the values "
             "carry an offset (+0200). Without an offset the times are taken as UTC.",
         )
+    decimal_comma = st.checkbox(
+        "Decimal comma (12,99 or 1.234,50)", key=f"dm_decimal_{fid}", help="European exports."
+    )
     if not st.button("Validate and ingest", type="primary", key="dm_ingest"):
         return
-    options = datamodel.UploadOptions(mapping, event_map, columns, ts_unit)  # type: ignore[arg-type]
+    options = datamodel.UploadOptions(mapping, event_map, columns, ts_unit, decimal_comma)  # type: ignore[arg-type]
     with st.status(f"Ingesting {upload.name}…") as status:
         try:
             st.session_state["dm_upload"] = datamodel.ingest_upload(

@@ -235,12 +235,14 @@ def test_one_running_job_per_group_with_progress() -> None:
     assert len(registry.jobs()) == 2  # only the newest finished jobs are kept
 
 
-def test_ingest_upload_with_a_timestamp_format(tmp_path: Path) -> None:
-    body = b"when;who;what\n01.03.2024 12:00;k1;view\n31.12.2024 23:59;k1;purchase\n"
-    mapping = {"ts": "when", "user_id": "who", "event_type": "what"}
-    options = datamodel.UploadOptions(mapping=mapping, ts_unit="%d.%m.%Y %H:%M")
+def test_ingest_upload_with_a_timestamp_format_and_decimal_comma(tmp_path: Path) -> None:
+    body = b"when;who;what;eur\n01.03.2024 12:00;k1;view;\n31.12.2024 23:59;k1;purchase;12,99\n"
+    mapping = {"ts": "when", "user_id": "who", "event_type": "what", "price": "eur"}
+    options = datamodel.UploadOptions(mapping=mapping, ts_unit="%d.%m.%Y %H:%M", decimal_comma=True)
     result = datamodel.ingest_upload(tmp_path / "fmt.duckdb", body, "de.csv", options)
     assert result.report.rows_accepted == 2 and result.quarantined.empty
+    with store.open_db(tmp_path / "fmt.duckdb") as con:
+        assert con.execute("SELECT max(price) FROM events").fetchall() == [(12.99,)]
     bad = datamodel.UploadOptions(mapping=mapping, ts_unit="dd.mm")
     with pytest.raises(store.StoreError, match="timestamp format"):
         datamodel.ingest_upload(tmp_path / "fmt.duckdb", body, "de2.csv", bad)

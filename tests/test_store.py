@@ -843,3 +843,22 @@ def test_lock_released_while_retrying_succeeds(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_decimal_comma_prices_are_read_only_when_asked(con, tmp_path: Path) -> None:
+    text = """
+        ts;user_id;event_type;price
+        2024-03-01T12:00:00;k1;purchase;12,99
+        2024-03-01T12:01:00;k1;purchase;1.234,50
+        2024-03-01T12:02:00;k1;view;
+        2024-03-01T12:03:00;k1;purchase;12.99
+        2024-03-01T12:04:00;k1;purchase;1,2,3
+        """
+    report = store.ingest_file(con, write(tmp_path / "eu.csv", text), decimal_comma=True)
+    # 12.99 is ambiguous under a decimal comma (twelve, or 1,299?): quarantined, not guessed
+    assert (report.rows_accepted, report.reasons) == (3, {"non-numeric price": 2})
+    prices = con.execute("SELECT price FROM events ORDER BY ts").fetchall()
+    assert prices == [(12.99,), (1234.5,), (None,)]
+    # without the option the same file keeps only the rows whose price reads as a number
+    plain = store.ingest_file(con, write(tmp_path / "eu2.csv", text.replace("k1", "k2")))
+    assert (plain.rows_accepted, plain.reasons) == (2, {"non-numeric price": 3})
