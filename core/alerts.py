@@ -202,6 +202,46 @@ def alert_queue(
     and the most recent case ("#3 investigating")."""
     users = active_scores(con, model_id, start, end, filters=filters, weight=weight, load=load)
     queue = users.loc[users["score"] >= threshold].reset_index(drop=True)
+    return _with_reasons_labels_cases(con, model_id, queue, start, end, limit)
+
+
+# "Rarer than 99% of the training users": the unsupervised percentile a watchlist starts at.
+NOVELTY_PERCENTILE = 0.99
+
+
+def novelty_watchlist(
+    con: duckdb.DuckDBPyConnection,
+    model_id: str,
+    start: datetime | None,
+    end: datetime | None,
+    threshold: float,
+    *,
+    min_percentile: float = NOVELTY_PERCENTILE,
+    filters: QueueFilters = QueueFilters(),
+    weight: float | None = None,
+    load: ModelLoader | None = None,
+    limit: int | None = 200,
+) -> pd.DataFrame:
+    """Active users whose behaviour the unsupervised model finds rarer than ``min_percentile``
+    of the training users, yet whose combined score stays under the threshold: the supervised
+    sources, trained on the fraud already labelled, outvoted the novelty. New kinds of fraud
+    look like this until someone labels them, so Triage lists them beside the queue (same
+    columns as ``alert_queue``, most unusual first)."""
+    users = active_scores(con, model_id, start, end, filters=filters, weight=weight, load=load)
+    unusual = (users["percentile"] >= min_percentile) & (users["score"] < threshold)
+    watch = users.loc[unusual.fillna(False).astype(bool)]
+    watch = watch.sort_values(["percentile", "user_id"], ascending=[False, True], ignore_index=True)
+    return _with_reasons_labels_cases(con, model_id, watch, start, end, limit)
+
+
+def _with_reasons_labels_cases(
+    con: duckdb.DuckDBPyConnection,
+    model_id: str,
+    queue: pd.DataFrame,
+    start: datetime | None,
+    end: datetime | None,
+    limit: int | None,
+) -> pd.DataFrame:
     if limit is not None:
         queue = queue.head(int(limit))
     ids = queue["user_id"].astype(str).tolist()

@@ -51,7 +51,7 @@ def triage_data(
     weight: float | None,
     filters: tuple[tuple[str, ...], tuple[str, ...], int],
     version: int,
-) -> tuple[alerts.RangeKpis, pd.DataFrame, np.ndarray, pd.DataFrame]:
+) -> tuple[alerts.RangeKpis, pd.DataFrame, np.ndarray, pd.DataFrame, pd.DataFrame]:
     def load() -> LoadedModel:
         return loaded_model(model_path)
 
@@ -63,7 +63,37 @@ def triage_data(
         )
         scores = alerts.active_scores(con, model_id, start, end, weight=weight)["score"]
         per_day = alerts.daily_alerts(con, model_id, start, end, threshold, weight=weight)
-    return kpis, queue, scores.to_numpy(dtype=float), per_day
+        watch = alerts.novelty_watchlist(
+            con, model_id, start, end, threshold, filters=queue_filters, weight=weight
+        )
+    return kpis, queue, scores.to_numpy(dtype=float), per_day, watch
+
+
+def user_table(users: pd.DataFrame, key: str) -> None:
+    """A queue of users (alerts.QUEUE_COLUMNS); selecting a row opens Investigate."""
+
+    def open_selected() -> None:
+        rows = state[key]["selection"]["rows"]
+        if rows:
+            state["_tri_open"] = str(users.iloc[rows[0]].user_id)
+
+    st.dataframe(
+        users.assign(percentile=users["percentile"] * 100),
+        key=key,
+        hide_index=True,
+        on_select=open_selected,
+        selection_mode="single-row",
+        column_config={
+            "user_id": st.column_config.TextColumn("user", pinned=True),
+            "score": st.column_config.ProgressColumn(
+                "score", format="%.3f", min_value=0.0, max_value=1.0
+            ),
+            "percentile": st.column_config.NumberColumn("percentile", format="%.1f"),
+            "supervised": st.column_config.NumberColumn("supervised", format="%.3f"),
+            "last_seen": st.column_config.DatetimeColumn("last seen", format="YYYY-MM-DD HH:mm"),
+            "main_reason": st.column_config.TextColumn("main reason", width="large"),
+        },
+    )
 
 
 version, weight = db_version(ctx.db_path, ctx.model_id)
@@ -81,7 +111,7 @@ with st.expander("Filters", expanded=False):
     min_events = f3.number_input("Minimum events", min_value=1, value=1, step=1, key="tri_min")
 
 try:
-    kpis, queue, scores, per_day = triage_data(
+    kpis, queue, scores, per_day, watch = triage_data(
         ctx.db_path,
         ctx.model_id,
         ctx.model_path,
@@ -112,31 +142,18 @@ if queue.empty:
         "sidebar or widen the time range."
     )
 else:
-    table = queue.assign(percentile=queue["percentile"] * 100)
-
-    def open_selected() -> None:
-        rows = state["tri_queue"]["selection"]["rows"]
-        if rows:
-            state["_tri_open"] = str(queue.iloc[rows[0]].user_id)
-
-    st.dataframe(
-        table,
-        key="tri_queue",
-        hide_index=True,
-        on_select=open_selected,
-        selection_mode="single-row",
-        column_config={
-            "user_id": st.column_config.TextColumn("user", pinned=True),
-            "score": st.column_config.ProgressColumn(
-                "score", format="%.3f", min_value=0.0, max_value=1.0
-            ),
-            "percentile": st.column_config.NumberColumn("percentile", format="%.1f"),
-            "supervised": st.column_config.NumberColumn("supervised", format="%.3f"),
-            "last_seen": st.column_config.DatetimeColumn("last seen", format="YYYY-MM-DD HH:mm"),
-            "main_reason": st.column_config.TextColumn("main reason", width="large"),
-        },
-    )
+    user_table(queue, "tri_queue")
     st.caption("Select a row to investigate that user.")
+
+if not watch.empty:
+    with st.expander(f"Unusual but not alerted ({len(watch):,})"):
+        st.caption(
+            f"Rarer than {alerts.NOVELTY_PERCENTILE:.0%} of the training users by the "
+            "unsupervised model, yet under the threshold: the supervised scores, which know "
+            "only the fraud labelled so far, outweighed it. New kinds of fraud look like this "
+            "until someone labels them. Select a row to investigate."
+        )
+        user_table(watch, "tri_watch")
 
 left, right = st.columns(2)
 left.plotly_chart(alert_charts.score_histogram(scores, ctx.threshold), key="tri_hist")

@@ -83,6 +83,28 @@ def test_kpis_and_queue_match_pandas(demo_db_copy, world) -> None:
     assert q["main_reason"].str.match(r"^\w+ ×\d+ at \d{4}-\d\d-\d\d \d\d:\d\d$").all()
 
 
+def test_novelty_watchlist_holds_the_unusual_users_the_queue_leaves_out(demo_env, world) -> None:
+    events, scores, _, start, end, _ = world
+    active = set(_in_range(events, start, end)["user_id"])
+    pct = scores["percentile_unsupervised"]
+    # a threshold that leaves some of the most unusual active users out of the queue
+    top = scores.loc[sorted(active)].query("percentile_unsupervised >= 0.95")
+    threshold = float(top["score"].median())
+    expected = {u for u in top.index if top.loc[u, "score"] < threshold}
+    assert expected
+    with store.open_db(demo_env.db_path) as con:
+        watch = alerts.novelty_watchlist(
+            con, demo_env.model_id, start, end, threshold, min_percentile=0.95
+        )
+        queue = alerts.alert_queue(con, demo_env.model_id, start, end, threshold)
+    assert list(watch.columns) == list(alerts.QUEUE_COLUMNS)
+    assert set(watch["user_id"]) == expected
+    assert not set(watch["user_id"]) & set(queue["user_id"])  # beside the queue, not in it
+    assert watch["percentile"].is_monotonic_decreasing
+    np.testing.assert_allclose(watch["percentile"], pct.loc[watch["user_id"]])
+    assert (watch["main_reason"] != "").all()
+
+
 def test_queue_filters_match_pandas(demo_env, world) -> None:
     events, scores, _, start, end, _ = world
     inside = _in_range(events, start, end)

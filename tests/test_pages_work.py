@@ -84,6 +84,28 @@ def test_triage_threshold_and_filters_drive_the_queue(demo_env) -> None:
     assert _metric(at, "Alerts") == f"{expected.n_alerts:,}"  # KPIs ignore the queue filters
 
 
+def test_triage_lists_unusual_users_the_threshold_leaves_out(demo_env) -> None:
+    at = _app(demo_env.db_path)
+    start, end = _full_range(demo_env.db_path)
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        pct = con.execute(
+            "SELECT percentile_unsupervised, score FROM sequence_scores"
+            " WHERE model_id = ? AND window_start IS NULL AND percentile_unsupervised >= ?",
+            [demo_env.model_id, alerts.NOVELTY_PERCENTILE],
+        ).fetchnumpy()
+        # just above the lowest combined score among the most unusual users
+        threshold = round(float(pct["score"].min()) + 0.005, 3)
+        expected = alerts.novelty_watchlist(con, demo_env.model_id, start, end, threshold)
+    assert not expected.empty
+    at.sidebar.number_input(key="threshold").set_value(threshold).run()
+    assert not at.exception
+    (box,) = [e for e in at.expander if e.label.startswith("Unusual but not alerted")]
+    assert box.label == f"Unusual but not alerted ({len(expected):,})"
+    shown = at.dataframe(key="tri_watch").value
+    assert shown["user_id"].tolist() == expected["user_id"].tolist()
+    assert (shown["score"] < threshold).all()
+
+
 def test_thresholds_sliders_and_save(demo_db_copy) -> None:
     at = _app(demo_db_copy.db_path, "pages/thresholds_page.py")
     assert at.title[0].value.endswith("Thresholds")
