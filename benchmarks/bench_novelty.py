@@ -10,7 +10,8 @@ users against the normal users (the other typologies are left out of the ranking
 
 Measures, per held-out typology and scorer: AUPRC of T against normal users, and recall of T
 at a 1% alert budget of all those users; plus the share of T's users on Triage's "unusual but
-not alerted" list (unsupervised percentile >= 0.99, combined score under the budget's cut).
+not alerted" list (unsupervised percentile >= L, combined score under the budget's cut) at
+each level L the list offers, and how many users that list holds.
 Writes results/bench_novelty.{json,md}.
 
     .venv/bin/python benchmarks/bench_novelty.py          # demo world, 3,000 users (~20 min)
@@ -47,7 +48,7 @@ def main() -> None:
     from sklearn.metrics import average_precision_score
 
     from core import store
-    from core.alerts import NOVELTY_PERCENTILE
+    from core.alerts import WATCH_LEVELS
     from core.baselines import AggregateFeaturizer, LightGBMScorer, LOFScorer, load_user_data
     from core.demo import build_demo
     from core.evaluate import budget_alerts, load_truth, split_users
@@ -140,7 +141,13 @@ def main() -> None:
             combined = scores["transformer_combined"][judged]
             cut = np.sort(np.nan_to_num(combined, nan=-np.inf))[::-1][n_alerts - 1]
             pct = frame["percentile_unsupervised"].to_numpy(float)[judged]
-            watched = (pct >= NOVELTY_PERCENTILE) & (combined < cut)
+            # Triage's list at its default and at the looser cuts it offers: T's share on it,
+            # and how many users the list holds per 1,000 judged users (its cost to read)
+            watch = {}
+            for level in WATCH_LEVELS:
+                listed = (pct >= level) & (combined < cut)
+                watch[f"on_watchlist_{level:g}"] = round(float(listed[y == 1].mean()), 3)
+                watch[f"listed_per_1000_{level:g}"] = round(1000 * float(listed.mean()), 1)
             for name, s in scores.items():
                 s = np.nan_to_num(s[judged], nan=-np.inf)
                 top = np.argsort(-s, kind="stable")[:n_alerts]
@@ -151,9 +158,7 @@ def main() -> None:
                         "users": int(y.sum()),
                         "auprc": round(float(average_precision_score(y, s)), 3),
                         "recall_at_1pct": round(float(y[top].sum() / max(y.sum(), 1)), 3),
-                        "on_watchlist": round(float(watched[y == 1].mean()), 3)
-                        if name == "transformer_combined"
-                        else "",
+                        **(watch if name == "transformer_combined" else dict.fromkeys(watch, "")),
                     }
                 )
             print(held_out, [(r["scorer"], r["auprc"]) for r in rows[-len(scores) :]], flush=True)
@@ -168,7 +173,11 @@ def main() -> None:
                 "users": sum(int(r["users"]) for r in mine),
                 "auprc": round(float(np.mean([r["auprc"] for r in mine])), 3),
                 "recall_at_1pct": round(float(np.mean([r["recall_at_1pct"] for r in mine])), 3),
-                "on_watchlist": "",
+                **{
+                    k: round(float(np.mean([r[k] for r in mine])), 3) if mine[0][k] != "" else ""
+                    for k in mine[0]
+                    if k.startswith(("on_watchlist", "listed_per"))
+                },
             }
         )
     extra = {
@@ -179,8 +188,10 @@ def main() -> None:
         f"typology the head (<= {sup_epochs} epochs) and the account-level model on labels "
         "without it; LightGBM and LOF on the same users and labels",
         "judged": "the held-out typology's users against the normal users of the unseen world; "
-        "recall_at_1pct = share of them among the top 1% of those users; on_watchlist = share "
-        "with unsupervised percentile >= 0.99 whose combined score is under the 1% cut",
+        "recall_at_1pct = share of them among the top 1% of those users; on_watchlist_L = "
+        "share with unsupervised percentile >= L whose combined score is under the 1% cut "
+        "(Triage's 'unusual but not alerted' list at level L); listed_per_1000_L = users of "
+        "any kind on that list per 1,000 judged users",
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
     path = write_results("bench_novelty", rows, extra)

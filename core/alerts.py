@@ -205,8 +205,10 @@ def alert_queue(
     return _with_reasons_labels_cases(con, model_id, queue, start, end, limit)
 
 
-# "Rarer than 99% of the training users": the unsupervised percentile a watchlist starts at.
+# "Rarer than 99% of the training users": the unsupervised percentile a watchlist starts at,
+# and the looser levels Triage offers (benchmarks/bench_novelty.py measures each).
 NOVELTY_PERCENTILE = 0.99
+WATCH_LEVELS = (0.95, 0.97, 0.99)
 
 
 def novelty_watchlist(

@@ -51,6 +51,7 @@ def triage_data(
     weight: float | None,
     filters: tuple[tuple[str, ...], tuple[str, ...], int],
     version: int,
+    watch_level: float,
 ) -> tuple[alerts.RangeKpis, pd.DataFrame, np.ndarray, pd.DataFrame, pd.DataFrame]:
     def load() -> LoadedModel:
         return loaded_model(model_path)
@@ -64,7 +65,14 @@ def triage_data(
         scores = alerts.active_scores(con, model_id, start, end, weight=weight)["score"]
         per_day = alerts.daily_alerts(con, model_id, start, end, threshold, weight=weight)
         watch = alerts.novelty_watchlist(
-            con, model_id, start, end, threshold, filters=queue_filters, weight=weight
+            con,
+            model_id,
+            start,
+            end,
+            threshold,
+            min_percentile=watch_level,
+            filters=queue_filters,
+            weight=weight,
         )
     return kpis, queue, scores.to_numpy(dtype=float), per_day, watch
 
@@ -121,6 +129,7 @@ try:
         weight,
         (tuple(sorted(chosen_types)), tuple(sorted(chosen_countries)), int(min_events)),
         version,
+        float(state.get("tri_watch_level") or alerts.NOVELTY_PERCENTILE),
     )
 except (store.StoreError, FileNotFoundError, OSError) as exc:
     st.error(f"Could not load the alerts: {exc}")
@@ -145,14 +154,23 @@ else:
     user_table(queue, "tri_queue")
     st.caption("Select a row to investigate that user.")
 
-if not watch.empty:
-    with st.expander(f"Unusual but not alerted ({len(watch):,})"):
-        st.caption(
-            f"Rarer than {alerts.NOVELTY_PERCENTILE:.0%} of the training users by the "
-            "unsupervised model, yet under the threshold: the supervised scores, which know "
-            "only the fraud labelled so far, outweighed it. New kinds of fraud look like this "
-            "until someone labels them. Select a row to investigate."
-        )
+with st.expander(f"Unusual but not alerted ({len(watch):,})"):
+    st.caption(
+        "Users the unsupervised model finds rarer than most training users, yet under the "
+        "threshold: the supervised scores, which know only the fraud labelled so far, "
+        "outweighed it. Fraud nobody has labelled yet looks like this (see "
+        "benchmarks/results/bench_novelty.md). Select a row to investigate."
+    )
+    st.segmented_control(
+        "Rarer than",
+        sorted(alerts.WATCH_LEVELS, reverse=True),
+        default=alerts.NOVELTY_PERCENTILE,
+        format_func=lambda level: f"{level:.0%} of training users",
+        key="tri_watch_level",
+    )
+    if watch.empty:
+        st.info("Nobody at this level: every such user is already in the queue, or none is active.")
+    else:
         user_table(watch, "tri_watch")
 
 left, right = st.columns(2)

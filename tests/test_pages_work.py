@@ -105,6 +105,16 @@ def test_triage_lists_unusual_users_the_threshold_leaves_out(demo_env) -> None:
     assert shown["user_id"].tolist() == expected["user_id"].tolist()
     assert (shown["score"] < threshold).all()
 
+    # a looser level lists more users, the queue's rules otherwise unchanged
+    at.button_group(key="tri_watch_level").set_value(0.95).run()
+    assert not at.exception
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        looser = alerts.novelty_watchlist(
+            con, demo_env.model_id, start, end, threshold, min_percentile=0.95
+        )
+    assert len(looser) > len(expected)
+    assert at.dataframe(key="tri_watch").value["user_id"].tolist() == looser["user_id"].tolist()
+
 
 def test_thresholds_sliders_and_save(demo_db_copy) -> None:
     at = _app(demo_db_copy.db_path, "pages/thresholds_page.py")
