@@ -728,7 +728,25 @@ def _step_done(step: str) -> None:
 
 
 def _duplicate_batch(con: duckdb.DuckDBPyConnection, checksum: str) -> int | None:
-    row = _one(con.execute("SELECT batch_id FROM ingest_batches WHERE checksum = ?", [checksum]))
+    """The batch that already holds this content's rows. An earlier attempt that accepted
+    none (every row quarantined, say for a timestamp layout not yet given) is not one: the
+    same file may be ingested again with other options, and replaces that attempt."""
+    row = _one(
+        con.execute(
+            "SELECT batch_id FROM ingest_batches WHERE checksum = ? AND rows_accepted > 0",
+            [checksum],
+        )
+    )
+    return int(row[0]) if row else None
+
+
+def _empty_attempt(con: duckdb.DuckDBPyConnection, checksum: str) -> int | None:
+    row = _one(
+        con.execute(
+            "SELECT batch_id FROM ingest_batches WHERE checksum = ? AND rows_accepted = 0",
+            [checksum],
+        )
+    )
     return int(row[0]) if row else None
 
 
@@ -1018,9 +1036,17 @@ def _write_batch(
     n_ok: int,
     started: float,
 ) -> IngestReport:
-    """The writes of a batch; the caller holds the transaction."""
-    row = _one(con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_batches"))
-    batch_id = int(row[0]) if row else 1
+    """The writes of a batch; the caller holds the transaction. A retry of an attempt that
+    accepted nothing takes over its batch id: its quarantine rows are replaced by this
+    attempt's, so every row of the file is accounted for once."""
+    retry_of = _empty_attempt(con, src.checksum)
+    if retry_of is not None:
+        batch_id = retry_of
+        con.execute("DELETE FROM quarantine WHERE batch_id = ?", [batch_id])
+        con.execute("DELETE FROM events_runs WHERE batch_id = ?", [batch_id])
+    else:
+        row = _one(con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_batches"))
+        batch_id = int(row[0]) if row else 1
     ids = {"batch_id": batch_id, "source": src.name}
 
     # Quarantine: value-level rejects with the row as JSON, then structural rejects with the
@@ -1067,19 +1093,34 @@ def _write_batch(
     _step_done("events")
 
     seconds = time.perf_counter() - started
-    con.execute(
-        "INSERT INTO ingest_batches VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            batch_id,
-            src.name,
-            src.checksum,
-            _naive_utc(datetime.now(UTC)),
-            rows_read,
-            n_ok,
-            rows_read - n_ok,
-            seconds,
-        ],
-    )
+    if retry_of is not None:
+        con.execute(
+            "UPDATE ingest_batches SET source = ?, ingested_at = ?, rows_read = ?,"
+            " rows_accepted = ?, rows_quarantined = ?, seconds = ? WHERE batch_id = ?",
+            [
+                src.name,
+                _naive_utc(datetime.now(UTC)),
+                rows_read,
+                n_ok,
+                rows_read - n_ok,
+                seconds,
+                batch_id,
+            ],
+        )
+    else:
+        con.execute(
+            "INSERT INTO ingest_batches VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                batch_id,
+                src.name,
+                src.checksum,
+                _naive_utc(datetime.now(UTC)),
+                rows_read,
+                n_ok,
+                rows_read - n_ok,
+                seconds,
+            ],
+        )
     _step_done("record")
     return IngestReport(
         batch_id,

@@ -845,6 +845,32 @@ def test_lock_released_while_retrying_succeeds(tmp_path: Path) -> None:
         proc.wait()
 
 
+def test_a_file_that_loaded_nothing_can_be_ingested_again_with_other_options(
+    con, tmp_path: Path
+) -> None:
+    path = write(
+        tmp_path / "de.csv",
+        """
+        ts,user_id,event_type
+        01.03.2024 12:00,k1,view
+        01.03.2024 12:05,k1,purchase
+        """,
+    )
+    first = store.ingest_file(con, path)
+    assert (first.rows_accepted, first.reasons) == (0, {"unparseable timestamp": 2})
+    again = store.ingest_file(con, path, ts_unit="%d.%m.%Y %H:%M")
+    assert again.duplicate_of is None and again.rows_accepted == 2
+    assert again.batch_id == first.batch_id  # it replaces the empty attempt
+    assert con.execute("SELECT count(*) FROM quarantine").fetchall() == [(0,)]
+    assert con.execute(
+        "SELECT count(*), sum(rows_read), sum(rows_accepted) FROM ingest_batches"
+    ).fetchall() == [(1, 2, 2)]
+    # now it holds rows: the same content is a no-op, whatever the options
+    third = store.ingest_file(con, path)
+    assert third.duplicate_of == first.batch_id
+    assert con.execute("SELECT count(*) FROM events").fetchall() == [(2,)]
+
+
 def test_decimal_comma_prices_are_read_only_when_asked(con, tmp_path: Path) -> None:
     text = """
         ts;user_id;event_type;price
