@@ -369,6 +369,65 @@ def export_scores(
 
 
 @app.command()
+def watchlist(
+    out: Annotated[
+        Path | None, typer.Argument(help="CSV file to write (default: print a table).")
+    ] = None,
+    level: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Unsupervised percentile the list starts at."),
+    ] = 0.97,
+    threshold: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Alert threshold (default: the saved one, else 0.9)."),
+    ] = None,
+    start: Annotated[str | None, typer.Option(help="Active from (ISO date/time, UTC).")] = None,
+    end: Annotated[str | None, typer.Option(help="Active before (ISO date/time, UTC).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    db: DbOption = None,
+) -> None:
+    """Users rarer than LEVEL of the training users whose combined score stays under the
+    threshold: what the supervised scores outvote (Triage's "unusual but not alerted")."""
+    from core import alerts
+    from core.export import write_csv
+
+    lo, hi = _parse_ts(start, "--start"), _parse_ts(end, "--end")
+    try:
+        con = store.connect(_db(db), read_only=True)
+    except store.StoreError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        row = con.execute(
+            "SELECT model_id FROM models WHERE ? IS NULL OR model_id = ?"
+            " ORDER BY created_at DESC LIMIT 1",
+            [model, model],
+        ).fetchone()
+        if row is None:
+            raise _fail(f"no model {model}" if model else "no trained model; run `fraudlens train`")
+        model_id = str(row[0])
+        if threshold is None:
+            saved = alerts.saved_setting(con, model_id)
+            threshold = saved.threshold if saved else alerts.DEFAULT_THRESHOLD
+        listed = alerts.novelty_watchlist(
+            con, model_id, lo, hi, threshold, min_percentile=level, limit=None
+        )
+    finally:
+        con.close()
+    summary = (
+        f"{len(listed):,} users rarer than {level:.0%} of training users under the threshold "
+        f"{threshold:.2f} (model {model_id})"
+    )
+    if out is not None:
+        write_csv(listed, out)
+        typer.echo(f"wrote {summary} to {out}")
+        return
+    typer.echo(summary)
+    if not listed.empty:
+        shown = listed[["user_id", "percentile", "score", "events", "main_reason"]]
+        typer.echo(shown.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+
+@app.command()
 def evaluate(
     json_out: Annotated[
         Path, typer.Option("--json", help="Where to write the JSON report (markdown beside it).")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from core import store
+from core import alerts, store
 from core.cli import app
 
 FORMULA_USER = '=HYPERLINK("http://x","y")'
@@ -109,6 +109,19 @@ def test_the_whole_flow_on_a_tiny_world(env: Path) -> None:
     with store.open_db(db_path, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM quarantine").fetchone() == (2,)
         assert con.execute("SELECT count(*) FROM models").fetchone() == (1,)
+        expected = alerts.novelty_watchlist(
+            con, model_id, None, None, 0.99, min_percentile=0.5, limit=None
+        )
+    assert not expected.empty
+    out = env / "export" / "watch.csv"
+    result = invoke("watchlist", str(out), "--level", "0.5", "--threshold", "0.99")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {len(expected):,} users rarer than 50% of training users" in result.output
+    with out.open(newline="") as fh:
+        listed = list(csv.DictReader(fh))
+    assert [r["user_id"] for r in listed] == [
+        "'" + u if u == FORMULA_USER else u for u in expected["user_id"]
+    ]
 
 
 def test_ingest_of_a_non_csv_file_fails_clearly(env: Path) -> None:
