@@ -168,12 +168,16 @@ def range_kpis(
     *,
     weight: float | None = None,
     load: ModelLoader | None = None,
+    users: pd.DataFrame | None = None,
 ) -> RangeKpis:
     """Events and active users in [start, end); alerts among the active users; how many of
-    those alerts an analyst has labelled."""
+    those alerts an analyst has labelled. ``users``: this range's unfiltered
+    ``active_scores`` when the caller has them already (one scan of the range, not one per
+    question)."""
     row = con.execute(f"SELECT count(*) FROM events WHERE {_RANGE_SQL}", _range_params(start, end))  # noqa: S608
     n_events = int(row.fetchall()[0][0])
-    users = active_scores(con, model_id, start, end, weight=weight, load=load)
+    if users is None:
+        users = active_scores(con, model_id, start, end, weight=weight, load=load)
     alerted = users.loc[users["score"] >= threshold, "user_id"].astype(str).tolist()
     labelled = cases.latest_labels(con, alerted) if alerted else pd.DataFrame()
     return RangeKpis(
@@ -196,11 +200,14 @@ def alert_queue(
     weight: float | None = None,
     load: ModelLoader | None = None,
     limit: int | None = 1000,
+    users: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Active users scoring >= threshold, highest first, with QUEUE_COLUMNS: the main reason
     (most surprising event type in the range, see ``cases.top_reasons``), the current label
-    and the most recent case ("#3 investigating")."""
-    users = active_scores(con, model_id, start, end, filters=filters, weight=weight, load=load)
+    and the most recent case ("#3 investigating"). ``users``: ``active_scores`` for these
+    filters, when the caller has them already."""
+    if users is None:
+        users = active_scores(con, model_id, start, end, filters=filters, weight=weight, load=load)
     queue = users.loc[users["score"] >= threshold].reset_index(drop=True)
     return _with_reasons_labels_cases(con, model_id, queue, start, end, limit)
 
@@ -225,13 +232,16 @@ def novelty_watchlist(
     weight: float | None = None,
     load: ModelLoader | None = None,
     limit: int | None = 200,
+    users: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Active users whose behaviour the unsupervised model finds rarer than ``min_percentile``
     of the training users, yet whose combined score stays under the threshold: the supervised
     sources, trained on the fraud already labelled, outvoted the novelty. New kinds of fraud
     look like this until someone labels them, so Triage lists them beside the queue (same
-    columns as ``alert_queue``, most unusual first)."""
-    users = active_scores(con, model_id, start, end, filters=filters, weight=weight, load=load)
+    columns as ``alert_queue``, most unusual first). The list at a higher level is this one's
+    rows at or above it. ``users`` as for ``alert_queue``."""
+    if users is None:
+        users = active_scores(con, model_id, start, end, filters=filters, weight=weight, load=load)
     unusual = (users["percentile"] >= min_percentile) & (users["score"] < threshold)
     watch = users.loc[unusual.fillna(False).astype(bool)]
     watch = watch.sort_values(["percentile", "user_id"], ascending=[False, True], ignore_index=True)

@@ -51,29 +51,35 @@ def triage_data(
     weight: float | None,
     filters: tuple[tuple[str, ...], tuple[str, ...], int],
     version: int,
-    watch_level: float,
 ) -> tuple[alerts.RangeKpis, pd.DataFrame, np.ndarray, pd.DataFrame, pd.DataFrame]:
     def load() -> LoadedModel:
         return loaded_model(model_path)
 
     queue_filters = alerts.queue_filters(*filters)
     with store.open_db(db_path) as con:
-        kpis = alerts.range_kpis(con, model_id, start, end, threshold, weight=weight, load=load)
-        queue = alerts.alert_queue(
-            con, model_id, start, end, threshold, filters=queue_filters, weight=weight, load=load
+        # One scan of the range for every question below (scoring unscored users once).
+        everyone = alerts.active_scores(con, model_id, start, end, weight=weight, load=load)
+        kpis = alerts.range_kpis(con, model_id, start, end, threshold, users=everyone)
+        users = (
+            everyone
+            if queue_filters == alerts.QueueFilters()
+            else alerts.active_scores(
+                con, model_id, start, end, filters=queue_filters, weight=weight
+            )
         )
-        scores = alerts.active_scores(con, model_id, start, end, weight=weight)["score"]
+        queue = alerts.alert_queue(con, model_id, start, end, threshold, users=users)
         per_day = alerts.daily_alerts(con, model_id, start, end, threshold, weight=weight)
+        # at the loosest level: each tighter level is its rows at or above that level
         watch = alerts.novelty_watchlist(
             con,
             model_id,
             start,
             end,
             threshold,
-            min_percentile=watch_level,
-            filters=queue_filters,
-            weight=weight,
+            min_percentile=min(alerts.WATCH_LEVELS),
+            users=users,
         )
+        scores = everyone["score"]
     return kpis, queue, scores.to_numpy(dtype=float), per_day, watch
 
 
@@ -129,7 +135,6 @@ try:
         weight,
         (tuple(sorted(chosen_types)), tuple(sorted(chosen_countries)), int(min_events)),
         version,
-        float(state.get("tri_watch_level") or alerts.NOVELTY_PERCENTILE),
     )
 except (store.StoreError, FileNotFoundError, OSError) as exc:
     st.error(f"Could not load the alerts: {exc}")
@@ -154,6 +159,8 @@ else:
     user_table(queue, "tri_queue")
     st.caption("Select a row to investigate that user.")
 
+level = float(state.get("tri_watch_level") or alerts.NOVELTY_PERCENTILE)
+watch = watch.loc[watch["percentile"] >= level].reset_index(drop=True)
 with st.expander(f"Unusual but not alerted ({len(watch):,})"):
     st.caption(
         "Users the unsupervised model finds rarer than most training users, yet under the "

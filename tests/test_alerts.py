@@ -97,6 +97,20 @@ def test_novelty_watchlist_holds_the_unusual_users_the_queue_leaves_out(demo_env
             con, demo_env.model_id, start, end, threshold, min_percentile=0.95
         )
         queue = alerts.alert_queue(con, demo_env.model_id, start, end, threshold)
+        # given the range's active_scores, the same answers without scanning it again
+        users = alerts.active_scores(con, demo_env.model_id, start, end)
+        pd.testing.assert_frame_equal(
+            alerts.novelty_watchlist(
+                con, demo_env.model_id, start, end, threshold, min_percentile=0.95, users=users
+            ),
+            watch,
+        )
+        pd.testing.assert_frame_equal(
+            alerts.alert_queue(con, demo_env.model_id, start, end, threshold, users=users), queue
+        )
+        assert alerts.range_kpis(
+            con, demo_env.model_id, start, end, threshold, users=users
+        ) == alerts.range_kpis(con, demo_env.model_id, start, end, threshold)
     assert list(watch.columns) == list(alerts.QUEUE_COLUMNS)
     assert set(watch["user_id"]) == expected
     assert not set(watch["user_id"]) & set(queue["user_id"])  # beside the queue, not in it
