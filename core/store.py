@@ -727,27 +727,22 @@ def _step_done(step: str) -> None:
         raise RuntimeError(f"injected failure after ingest step '{step}'")
 
 
+def _earlier_batch(con: duckdb.DuckDBPyConnection, checksum: str) -> tuple[int, bool] | None:
+    """The batch this content went into before, and whether it holds any row. One that holds
+    none (every row quarantined, say for a timestamp layout not yet given) does not make the
+    content a duplicate: the file may be ingested again with other options and replaces it."""
+    row = _one(
+        con.execute(
+            "SELECT batch_id, rows_accepted > 0 FROM ingest_batches WHERE checksum = ?",
+            [checksum],
+        )
+    )
+    return (int(row[0]), bool(row[1])) if row else None
+
+
 def _duplicate_batch(con: duckdb.DuckDBPyConnection, checksum: str) -> int | None:
-    """The batch that already holds this content's rows. An earlier attempt that accepted
-    none (every row quarantined, say for a timestamp layout not yet given) is not one: the
-    same file may be ingested again with other options, and replaces that attempt."""
-    row = _one(
-        con.execute(
-            "SELECT batch_id FROM ingest_batches WHERE checksum = ? AND rows_accepted > 0",
-            [checksum],
-        )
-    )
-    return int(row[0]) if row else None
-
-
-def _empty_attempt(con: duckdb.DuckDBPyConnection, checksum: str) -> int | None:
-    row = _one(
-        con.execute(
-            "SELECT batch_id FROM ingest_batches WHERE checksum = ? AND rows_accepted = 0",
-            [checksum],
-        )
-    )
-    return int(row[0]) if row else None
+    earlier = _earlier_batch(con, checksum)
+    return earlier[0] if earlier and earlier[1] else None
 
 
 def _drop_scratch(con: duckdb.DuckDBPyConnection) -> None:
@@ -1039,7 +1034,8 @@ def _write_batch(
     """The writes of a batch; the caller holds the transaction. A retry of an attempt that
     accepted nothing takes over its batch id: its quarantine rows are replaced by this
     attempt's, so every row of the file is accounted for once."""
-    retry_of = _empty_attempt(con, src.checksum)
+    earlier = _earlier_batch(con, src.checksum)  # the caller saw no batch holding rows
+    retry_of = earlier[0] if earlier else None
     if retry_of is not None:
         batch_id = retry_of
         con.execute("DELETE FROM quarantine WHERE batch_id = ?", [batch_id])
