@@ -5,8 +5,10 @@ from __future__ import annotations
 import getpass
 from pathlib import Path
 
+import duckdb
 import streamlit as st
 
+from core import store
 from core.charts import blank_figure
 from core.config import get_settings
 from pages._shared import DEFAULT_THRESHOLD, dataset_span, models_list, saved_threshold
@@ -63,45 +65,65 @@ if not state.get("_plotly_primed"):
     state["_plotly_primed"] = True
     st.sidebar.plotly_chart(blank_figure(), key="plotly_primer", config={"staticPlot": True})
 
-with sidebar_frame:
-    st.text_input("Analyst", key="analyst", value=state.get("analyst") or getpass.getuser())
-    if Path(state["db_path"]).exists():
-        first, last, n_events = dataset_span(state["db_path"])
-        if first is not None and last is not None:
-            if "time_range" not in state:
-                state["time_range"] = (first.date(), last.date())
-            st.date_input(
-                "Time range (UTC)",
-                key="time_range",
-                min_value=first.date(),
-                max_value=last.date(),
-                help="Applies to every page.",
-            )
-        models = models_list(state["db_path"])
-        state["_models"] = models
-        if not models.empty:
-            ids = models["model_id"].tolist()
-            if state.get("model_id") not in ids:
-                state["model_id"] = ids[0]
-            st.selectbox("Model", ids, key="model_id")
-            if "threshold" not in state:
-                saved = saved_threshold(state["db_path"], state["model_id"])
-                state["threshold"] = saved if saved is not None else DEFAULT_THRESHOLD
-            st.number_input(
-                "Alert threshold (combined score)",
-                key="threshold",
-                min_value=0.0,
-                max_value=1.0,
-                step=0.01,
-                format="%.2f",
-                help="Users scoring at or above it are alerts. Tune it on the Thresholds page.",
-            )
-        else:
-            state["model_id"] = None
-        st.caption(f"`{state['db_path']}` · {n_events:,} events")
-    else:
-        state["_models"] = None
-        state["model_id"] = None
-        st.caption(f"No database yet at `{state['db_path']}`")
 
-navigation.run()
+def store_problem(exc: Exception) -> None:
+    """A database that is locked by another process (an ingest or scoring job in the CLI) or
+    cannot answer: one clear message and a retry, never a stack trace. The page's widgets keep
+    their state; nothing was written (every write is one transaction)."""
+    if isinstance(exc, store.StoreLockedError):
+        st.error(
+            f"The database is busy: {exc}. A CLI job (ingest, train, score) may be writing to "
+            "it; try again when it has finished."
+        )
+    else:
+        st.error(f"The database could not answer: {exc}")
+    st.button("Try again", key="_store_retry", icon=":material/refresh:")
+
+
+# Every page and the sidebar read the database; a busy or broken one stops here, whichever
+# page asked. Streamlit's own control flow (st.stop, st.rerun, switch_page) passes through.
+try:
+    with sidebar_frame:
+        st.text_input("Analyst", key="analyst", value=state.get("analyst") or getpass.getuser())
+        if Path(state["db_path"]).exists():
+            first, last, n_events = dataset_span(state["db_path"])
+            if first is not None and last is not None:
+                if "time_range" not in state:
+                    state["time_range"] = (first.date(), last.date())
+                st.date_input(
+                    "Time range (UTC)",
+                    key="time_range",
+                    min_value=first.date(),
+                    max_value=last.date(),
+                    help="Applies to every page.",
+                )
+            models = models_list(state["db_path"])
+            state["_models"] = models
+            if not models.empty:
+                ids = models["model_id"].tolist()
+                if state.get("model_id") not in ids:
+                    state["model_id"] = ids[0]
+                st.selectbox("Model", ids, key="model_id")
+                if "threshold" not in state:
+                    saved = saved_threshold(state["db_path"], state["model_id"])
+                    state["threshold"] = saved if saved is not None else DEFAULT_THRESHOLD
+                st.number_input(
+                    "Alert threshold (combined score)",
+                    key="threshold",
+                    min_value=0.0,
+                    max_value=1.0,
+                    step=0.01,
+                    format="%.2f",
+                    help="Users scoring at or above it are alerts. Tune it on the Thresholds page.",
+                )
+            else:
+                state["model_id"] = None
+            st.caption(f"`{state['db_path']}` · {n_events:,} events")
+        else:
+            state["_models"] = None
+            state["model_id"] = None
+            st.caption(f"No database yet at `{state['db_path']}`")
+
+    navigation.run()
+except (store.StoreError, duckdb.Error) as exc:
+    store_problem(exc)

@@ -199,6 +199,19 @@ def _list_or_none(users: Sequence[str] | None) -> list[str] | None:
 # Cases
 
 
+def next_case_id(con: duckdb.DuckDBPyConnection) -> int:
+    """A case id no other session can get, even one whose transaction runs at the same time.
+
+    Numbers come from the case_id_seq sequence (not transactional: never handed out twice);
+    numbers already used by cases opened before the sequence existed are skipped.
+    """
+    while True:
+        case_id = int(con.execute("SELECT nextval('case_id_seq')").fetchall()[0][0])
+        taken = con.execute("SELECT count(*) FROM cases WHERE case_id = ?", [case_id]).fetchall()
+        if not taken[0][0]:
+            return case_id
+
+
 def open_case(
     con: duckdb.DuckDBPyConnection,
     analyst: str,
@@ -217,8 +230,7 @@ def open_case(
     now = _now()
     with transaction(con):
         _check_users_exist(con, members)
-        row = con.execute("SELECT coalesce(max(case_id), 0) + 1 FROM cases").fetchall()
-        case_id = int(row[0][0])
+        case_id = next_case_id(con)
         title = title.strip() or f"Case {case_id}: {', '.join(members[:3])}"
         con.execute(
             "INSERT INTO cases (case_id, title, status, assignee, created_by, created_at,"

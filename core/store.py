@@ -55,6 +55,20 @@ class StoreLockedError(StoreError):
     """Another process holds the database's write lock."""
 
 
+def error_message(exc: BaseException) -> str:
+    """One line an analyst can act on, for an error raised by a write (or a read) on the store.
+
+    A transaction conflict (two sessions changing the same row at the same moment) rolls back
+    the whole change, so nothing is half-saved; the analyst only needs to repeat it.
+    """
+    if isinstance(exc, duckdb.TransactionException) or "conflict" in str(exc).lower():
+        return (
+            "someone else changed the same record at the same moment; nothing was saved, "
+            "please try again"
+        )
+    return _first_line(exc) if isinstance(exc, duckdb.Error) else str(exc)
+
+
 # ---------------------------------------------------------------------------------------------
 # Connection and migrations
 
@@ -139,6 +153,15 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # The account-level model's fraud probability (core.aggregate_model), one of the
             # three sources the combined score pools; NULL for models trained without it.
             "ALTER TABLE sequence_scores ADD COLUMN IF NOT EXISTS score_aggregate DOUBLE",
+        ),
+    ),
+    (
+        5,
+        (
+            # Case ids: two sessions opening a case at the same moment both read the same
+            # max(case_id) inside their transactions; a sequence never hands a number out twice
+            # (core.cases.next_case_id skips numbers that cases from before this step hold).
+            "CREATE SEQUENCE IF NOT EXISTS case_id_seq START 1",
         ),
     ),
 )

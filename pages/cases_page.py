@@ -72,8 +72,8 @@ def act(action: Callable[[duckdb.DuckDBPyConnection], T], done: str) -> T | None
     try:
         with store.open_db(ctx.db_path) as con:
             result = action(con)
-    except (cases.CaseError, store.StoreError) as exc:
-        state["case_message"] = ("error", str(exc))
+    except (cases.CaseError, store.StoreError, duckdb.Error) as exc:
+        state["case_message"] = ("error", store.error_message(exc))
         return None
     db_version.clear()
     state["case_message"] = ("success", done)
@@ -225,8 +225,8 @@ for column, (kind, ids_, name, label) in zip(st.columns(2), exports, strict=True
             if ids_
             else (b"", 0)
         )
-    except (cases.CaseError, store.StoreError) as exc:
-        column.error(f"Could not prepare the {kind} export: {exc}")
+    except (cases.CaseError, store.StoreError, duckdb.Error) as exc:
+        column.error(f"Could not prepare the {kind} export: {store.error_message(exc)}")
         continue
     column.download_button(
         f"{label} · {rows} rows",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import NamedTuple
 
+import duckdb
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -128,8 +129,8 @@ def act(action, message: str) -> None:
     try:
         with store.open_db(ctx.db_path) as con:
             action(con)
-    except (cases.CaseError, store.StoreError) as exc:
-        st.error(str(exc))
+    except (cases.CaseError, store.StoreError, duckdb.Error) as exc:
+        st.error(store.error_message(exc))
         return
     db_version.clear()  # a new audit row: the next run reads fresh labels and cases
     state["_inv_flash"] = message

@@ -106,6 +106,40 @@ def test_case_lifecycle_and_audit(demo_db_copy) -> None:
         }
 
 
+def test_two_sessions_opening_cases_at_once_get_different_ids(demo_db_copy) -> None:
+    """Two dashboard sessions (connections of one server process) inside their transactions at
+    the same moment: the old max(case_id) + 1 gave both the same id."""
+    first = store.connect(demo_db_copy.db_path)
+    second = store.connect(demo_db_copy.db_path)
+    try:
+        users = _users(first, 2)
+        first.begin()
+        second.begin()
+        a = cases.next_case_id(first)
+        b = cases.next_case_id(second)
+        assert a != b
+        first.rollback()
+        second.rollback()
+        ids = [cases.open_case(first, "ann", users[0]), cases.open_case(second, "bob", users[1])]
+        rows = first.execute("SELECT case_id, count(*) FROM cases GROUP BY 1").fetchall()
+        assert len(set(ids)) == 2 and all(n == 1 for _, n in rows)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_case_ids_skip_numbers_taken_before_the_sequence(demo_db_copy) -> None:
+    """Cases written before schema step 5 (no sequence) keep their ids; new ones go past them."""
+    with store.open_db(demo_db_copy.db_path) as con:
+        user = _users(con, 1)[0]
+        con.execute(
+            "INSERT INTO cases (case_id, title, status) VALUES (1, 'old', 'open'),"
+            " (2, 'old', 'closed'), (4, 'old', 'open')"
+        )
+        new = [cases.open_case(con, "ann", user) for _ in range(3)]
+        assert new == [3, 5, 6]
+
+
 def test_labels_latest_wins_and_are_audited(demo_db_copy) -> None:
     with store.open_db(demo_db_copy.db_path) as con:
         u1, u2, _ = _users(con)

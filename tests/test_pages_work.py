@@ -213,3 +213,39 @@ def test_first_run_of_a_session_primes_plotly_once(demo_env) -> None:
     assert not at.exception
     assert at.sidebar.get("plotly_chart") == []
     assert at.title[0].value.endswith("Triage")
+
+
+def test_a_database_locked_by_another_process_gets_a_message_not_a_stack_trace(
+    demo_db_copy,
+) -> None:
+    """A CLI job holding the write lock: every page says the database is busy (after the
+    store's retries) and offers a retry, which works once the lock is gone."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True);"
+            " time.sleep(120)",
+            str(demo_db_copy.db_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        at = AppTest.from_file(APP, default_timeout=60)
+        at.session_state["db_path"] = str(demo_db_copy.db_path)
+        at.run()
+        assert not at.exception, at.exception
+        assert any("database is busy" in e.value and "locked" in e.value for e in at.error)
+        retry = next(b for b in at.button if b.key == "_store_retry")
+    finally:
+        holder.kill()
+        holder.wait()
+    retry.click().run()
+    assert not at.exception, at.exception
+    assert not at.error
+    assert at.title[0].value.endswith("Triage") and at.metric
