@@ -175,6 +175,41 @@ _RELATIVE_DAY = re.compile(
 _ID_PREFIXES = "dev|device|card|user|usr|acct|account|sess|session|item|order|cust|customer|ip"
 _ID_FIELDS = {"device_id", "ip", "card_id", "payment_id", "session_id", "item_id"}
 
+_KINDS = r"(?i:device|card|ip|account|user|customer)"
+_NAMED_ID_RE = re.compile(
+    rf"\b{_KINDS}(?:\s+(?P<nm>(?i:named|called|id|address))|\s+(?i:name))?\s+"
+    r"(?:['\"`\u2018\u201c](?P<q>[^'\"`\u2019\u201d\s]{1,64})['\"`\u2019\u201d]"
+    r"|(?(nm)(?P<n>[\w\-@]+(?:\.[\w\-@]+)*)|(?P<cap>[A-Z][A-Za-z]{1,40})\b))"
+)
+# Capitalised words after a kind word that are not names ("user IDs", "IP Address").
+_NOT_NAMES = frozenset(
+    "ID IDs Id Ids IP IPs Address Addresses Number Numbers Fingerprint Name Names Agent UTC VPN "
+    "OS API URL BIN PIN CVV Account Accounts Device Devices Card Cards User Users Session "
+    "Sessions Login Logins History Level Behaviour Behavior Activity Profile Type Types".split()
+)
+_CATEGORY_RE = re.compile(
+    r"\b(?P<before>['\"`]?[a-z][a-z&\-]{2,30}['\"`]?)\s+categor(?:y|ies)\b"
+    r"|\bcategor(?:y|ies)\s*:?\s+(?P<after>['\"`][^'\"`\s]{1,40}['\"`])",
+    re.IGNORECASE,
+)
+# Words after "id" / "address" that are prose, not an id ("the device ID is new").
+_FUNCTION_WORDS = frozenset(
+    """is was are were be been has had have of and or for with from in on at to by as that
+    which the a an this its it not also shows shown appears seems matches differs changed
+    changes used seen""".split()
+)
+# Words that sit before "category" in plain English without naming one.
+_NOT_CATEGORIES = frozenset(
+    """a an the this that these those its their his her our your one each every any another
+    same different other new single only whole entire first second last top main most least
+    rare rarer rarest unusual usual common popular favourite favorite preferred dominant
+    primary secondary typical atypical particular specific given certain several many
+    multiple few various distinct which what product item price event events high low
+    expensive cheap unknown absent missing known such no some all both either neither
+    per by in of for from to with within across into than and or not own narrow wide broad
+    single-category multi-category""".split()
+)
+
 _KEY = "field name"
 _B = r"(?<![\w.\-])"  # token start: not glued to a word, a decimal point or a hyphen
 _E = r"(?![\w\-]|\.\w)"  # token end
@@ -828,6 +863,34 @@ def check_grounding(text: str, facts: Facts) -> GroundingReport:
         ),
     )
 
+    # 0. Ids without digits a model may invent after a kind word: a name ("user Mallory"), a
+    # quoted value ("device 'ABC'"), anything after "named"/"called"/"id" ("a user named bob").
+    # Before step 1, which masks the facts' field names ("ip", "category") with the values.
+    def named_id(m: re.Match[str]) -> None:
+        token = m.group("q") or m.group("n") or m.group("cap")
+        if m.group("cap") and m.group("cap") in _NOT_NAMES:
+            return
+        if m.group("n") and m.group("n").lower() in _FUNCTION_WORDS:
+            return  # "the device ID is new"
+        if token.lower() in ev.ids or token.lower() in ev.strings:
+            s.ok(m.group(0), "an identifier in the facts")
+        else:
+            s.bad(m.group(0), "identifier not in the facts")
+
+    s.take(_NAMED_ID_RE, named_id)
+
+    # Categories: "the jewelry category", "category 'jewelry'" must be a category of the facts.
+    def category(m: re.Match[str]) -> None:
+        word = (m.group("before") or m.group("after") or "").strip("'\"`").lower()
+        if not word or word in _NOT_CATEGORIES:
+            return
+        if word in ev.strings or word.rstrip("s") in ev.strings:
+            s.ok(m.group(0), ev.strings.get(word) or ev.strings[word.rstrip("s")])
+        else:
+            s.bad(m.group(0), "category not in the facts")
+
+    s.take(_CATEGORY_RE, category)
+
     # 1. Literal strings of the facts (ids, entity values, labels, field values, model id).
     for value in sorted(ev.strings, key=len, reverse=True):
         if len(value) < 2:
@@ -872,7 +935,7 @@ def check_grounding(text: str, facts: Facts) -> GroundingReport:
     # Numeric ids ("user 160", as many real logs key users) are numbers in the evidence, not
     # strings, so step 1 leaves them: the named id is looked up here.
     s.take(
-        r"\b(?:device|card|ip|account|user)(?:\s+(?:id|#|no\.|number|fingerprint))?\s+#?"
+        r"\b(?:device|card|ip|account|user)(?:\s+(?:id|#|no\.|number|fingerprint|address))?\s+#?"
         r"(?P<id>[\w\-./#]*[\d_\-][\w\-./#]*?)(?=[.,;:!?)]*(?:\s|$))",
         lambda m: (
             s.ok(m.group(0), "an identifier in the facts")

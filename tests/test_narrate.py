@@ -185,6 +185,13 @@ HALLUCINATIONS = {
     "url": ("See https://evil.example/x for details.", "https://evil.example/x"),
     "id after a kind word": ("It also used device x7f3k.", "x7f3k"),
     "numeric account id": ("It is linked to account 42.", "account 42"),
+    "id without digits, capitalised": ("It also used device ABC.", "device ABC"),
+    "a name for a user": ("The device is shared with user Mallory.", "user Mallory"),
+    "a user named": ("A user named bob shares the card.", "named bob"),
+    "quoted id": ("The login came from device 'tablet'.", "tablet"),
+    "ip address that is a word": ("It came from IP address unknown-host.", "unknown-host"),
+    "category not in the facts": ("It bought in the jewelry category.", "jewelry category"),
+    "quoted category": ("Purchases in category 'jewelry' dominate.", "jewelry"),
     # Numbers in other clothes.
     "scaled amount": ("A purchase of $1.5k stands out.", "$1.5k"),
     "millions": ("It spent 2 million on electronics.", "2 million"),
@@ -232,6 +239,8 @@ PARAPHRASES = [
     "The login at 14:20 was followed by the purchase at 14:22 and the failed payment at 14:23.",
     "The login and the purchase came from DE (Germany) on 2024/03/05 (05.03.2024), 125 seconds "
     "apart, over a range of 20 days.",
+    "The electronics category dominates; the device ID is new, the user IDs differ and the IP "
+    "address 10.1.2.3 is shared, as is user id u0042's card in the same category.",
     "It spent $1.3k on electronics across two hundred and twelve events. The case needs review "
     "before the payment method is blocked; in return the analyst keeps the evidence.",
 ]
