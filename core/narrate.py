@@ -885,6 +885,8 @@ def make_narrator(settings: Settings) -> Narrator:
 
 # -- narrate -------------------------------------------------------------------------------------
 
+# How long a backend failure (timeout, refused connection) is remembered before a retry.
+FAILURE_RETRY_S = 60.0
 _WHO = {"hf-local": "The local model", "openai-compatible": "The OpenAI-compatible endpoint"}
 
 
@@ -935,7 +937,8 @@ class SummaryCache:
         if maxsize < 1:
             raise ValueError("maxsize must be >= 1")
         self.maxsize = maxsize
-        self._data: OrderedDict[CacheKey, Summary] = OrderedDict()
+        # key -> (summary, monotonic expiry or None for "until evicted")
+        self._data: OrderedDict[CacheKey, tuple[Summary, float | None]] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -953,12 +956,17 @@ class SummaryCache:
         with self._lock:
             if key not in self._data:
                 return None
+            summary, expires = self._data[key]
+            if expires is not None and time.monotonic() >= expires:
+                del self._data[key]
+                return None
             self._data.move_to_end(key)
-            return self._data[key]
+            return summary
 
-    def put(self, key: CacheKey, summary: Summary) -> None:
+    def put(self, key: CacheKey, summary: Summary, *, ttl_s: float | None = None) -> None:
         with self._lock:
-            self._data[key] = summary
+            expires = None if ttl_s is None else time.monotonic() + ttl_s
+            self._data[key] = (summary, expires)
             self._data.move_to_end(key)
             while len(self._data) > self.maxsize:
                 self._data.popitem(last=False)
@@ -989,7 +997,11 @@ def narrate(facts: Facts, narrator: Narrator, *, cache: SummaryCache | None = No
     else:
         summary = _narrate_backend(facts, narrator, template)
         if summary.backend != narrator.name:
-            return summary  # a failure: not cached, so the next request tries again
+            # A failure is remembered briefly: an endpoint that times out would otherwise stall
+            # every rerun of the page (each click) for the whole timeout. Then it is retried.
+            if cache is not None:
+                cache.put(key, summary, ttl_s=FAILURE_RETRY_S)
+            return summary
     if cache is not None:
         cache.put(key, summary)
     return summary

@@ -18,9 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import core.narrate as narrate_module
 from core.aggregate_model import describe_feature, feature_event_type
 from core.config import Settings
 from core.narrate import (
+    FAILURE_RETRY_S,
     AccountSignal,
     CounterfactualFact,
     EventFact,
@@ -617,8 +619,8 @@ def test_ungrounded_text_is_flagged_with_the_template_beside_it() -> None:
         (None, "x failed (returned an empty summary); showing the template summary."),
     ],
 )
-def test_backend_failure_falls_back_to_the_template_uncached(
-    error: Exception | None, message: str
+def test_backend_failure_falls_back_and_is_retried_after_a_minute(
+    error: Exception | None, message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     narrator = FixedNarrator("x", error if error is not None else "  ")
     cache = SummaryCache()
@@ -627,8 +629,13 @@ def test_backend_failure_falls_back_to_the_template_uncached(
     assert summary.text == template == summary.fallback_text
     assert summary.backend == "template" and summary.requested_backend == "x"
     assert not summary.flagged and summary.message and summary.message.startswith(message)
+    # Remembered: a page rerun (any click) does not wait for a failing backend again ...
+    assert narrate(FACTS, narrator, cache=cache) == summary and narrator.calls == 1
+    # ... until FAILURE_RETRY_S have passed.
+    now = time.monotonic()
+    monkeypatch.setattr(narrate_module.time, "monotonic", lambda: now + FAILURE_RETRY_S + 1)
     narrate(FACTS, narrator, cache=cache)
-    assert narrator.calls == 2 and len(cache) == 0
+    assert narrator.calls == 2
 
 
 def test_summary_cache_is_thread_safe() -> None:
