@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from core import schema
@@ -54,6 +55,7 @@ EXPORT_COLUMNS: tuple[str, ...] = (
     "percentile_unsupervised",
     "score_supervised",
     "model_id",
+    "unsupervised_weight",
     "threshold",
     "alert",
     "top_reasons",
@@ -554,6 +556,18 @@ def _case_users_frame(con: duckdb.DuckDBPyConnection, case_ids: list[int]) -> pd
     ).df()
 
 
+def _saved_weight(con: duckdb.DuckDBPyConnection, model_id: str | None) -> float | None:
+    """The unsupervised weight last saved for ``model_id`` on Thresholds; None when never saved
+    (the stored combined score then stands, as on every page)."""
+    if model_id is None:
+        return None
+    rows = con.execute(
+        "SELECT weight FROM thresholds WHERE model_id = ? ORDER BY saved_at DESC LIMIT 1",
+        [model_id],
+    ).fetchall()
+    return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+
 def case_export_frame(
     con: duckdb.DuckDBPyConnection,
     case_ids: Sequence[int],
@@ -577,12 +591,26 @@ def case_export_frame(
     frame = _case_users_frame(con, ids)
     users = frame["user_id"].astype(str).unique().tolist()
     scores = con.execute(
-        "SELECT user_id, score, percentile_unsupervised, score_supervised FROM sequence_scores"
+        "SELECT user_id, score, percentile_unsupervised, score_supervised, score_aggregate"
+        " FROM sequence_scores"
         " WHERE model_id = ? AND window_start IS NULL AND window_end IS NULL"
         " AND user_id IN (SELECT unnest(?::VARCHAR[]))",
         [model_id, users],
     ).df()
     frame = frame.merge(scores, on="user_id", how="left")
+    weight = _saved_weight(con, model_id)
+    if weight is not None and len(frame):
+        # The dashboard combines with the weight saved on Thresholds; so does the export, or
+        # its score and alert flag would disagree with what the analyst saw in Triage.
+        from core.scoring import combine_scores  # here: scoring pulls in the model code
+
+        frame["score"] = combine_scores(
+            frame["percentile_unsupervised"].to_numpy(dtype=float, na_value=np.nan),
+            frame["score_supervised"].to_numpy(dtype=float, na_value=np.nan),
+            weight,
+            aggregate=frame["score_aggregate"].to_numpy(dtype=float, na_value=np.nan),
+        )
+    frame["unsupervised_weight"] = weight
     reasons = top_reasons(con, model_id, users) if model_id else pd.Series(dtype=str)
     frame["top_reasons"] = frame["user_id"].map(reasons).fillna("")
     # The newest kept explanation per user, whole (arg_max per column would skip NULLs and

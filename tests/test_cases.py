@@ -243,6 +243,31 @@ def test_negative_numbers_stay_numeric_and_text_is_neutralised() -> None:
     assert back["n"].tolist() == [-2, 3] and back["x"].tolist() == [-0.5, 1.0]
 
 
+def test_case_export_scores_with_the_saved_weight_like_the_dashboard(demo_db_copy) -> None:
+    """After an analyst saves another unsupervised weight on Thresholds, Triage re-combines the
+    scores with it; the case CSV's score and alert flag must be the same numbers."""
+    from core import alerts
+
+    model_id = demo_db_copy.model_id
+    with store.open_db(demo_db_copy.db_path) as con:
+        users = _users(con, 3)
+        case_id = cases.open_case(con, "ann", users)
+        before = cases.case_export_frame(
+            con, [case_id], model_id=model_id, threshold=0.5, analyst="ann"
+        )
+        assert before["unsupervised_weight"].isna().all()  # nothing saved: stored scores
+        alerts.save_threshold(con, model_id, 0.5, 0.9, "ann")
+        after = cases.case_export_frame(
+            con, [case_id], model_id=model_id, threshold=0.5, analyst="ann"
+        )
+        shown = alerts.active_scores(con, model_id, None, None, weight=0.9).set_index("user_id")
+    assert (after["unsupervised_weight"] == 0.9).all()
+    expected = shown.loc[after["user_id"], "score"].to_numpy()
+    np.testing.assert_allclose(after["score"].to_numpy(dtype=float), expected, rtol=1e-9)
+    assert not np.allclose(after["score"], before["score"])  # the weight did move them
+    assert (after["alert"] == (after["score"] >= 0.5)).all()
+
+
 def test_evidence_frame_has_events_with_surprisal(demo_db_copy, tmp_path) -> None:
     with store.open_db(demo_db_copy.db_path) as con:
         case_id, users = _case_with_formulas(con)
