@@ -301,23 +301,31 @@ def train(
         typer.echo(f"  {key:<22} {value}")
 
 
-def _load_model_or_fail(con: object, model: str | None) -> object:
-    from core.scoring import latest_model, load_model, resolve_model_path
+def _model_path_or_fail(con: object, model: str | None) -> Path:
+    from core.scoring import latest_model, resolve_model_path
 
     if model is None:
         found = latest_model(con)  # type: ignore[arg-type]
         if found is None:
             raise _fail("no trained model; run `fraudlens train` first")
-        path = found[1]
-    else:
-        row = con.execute(  # type: ignore[attr-defined]
-            "SELECT path FROM models WHERE model_id = ?", [model]
-        ).fetchone()
-        path = resolve_model_path(model, row[0] if row else None)
+        return found[1]
+    row = con.execute(  # type: ignore[attr-defined]
+        "SELECT path FROM models WHERE model_id = ?", [model]
+    ).fetchone()
+    return resolve_model_path(model, row[0] if row else None)
+
+
+def _load_or_fail(path: Path, model: str | None) -> object:
+    from core.scoring import load_model
+
     try:
         return load_model(path)
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise _fail(f"cannot load model {model or path.name}: {exc}") from None
+
+
+def _load_model_or_fail(con: object, model: str | None) -> object:
+    return _load_or_fail(_model_path_or_fail(con, model), model)
 
 
 @app.command()
@@ -551,28 +559,32 @@ def explain(
     if not path.exists():
         raise _fail(f"no database at {path}; build one with `fraudlens demo` or `fraudlens ingest`")
     try:
+        # Loading the model and the attributions take seconds: the file stays closed meanwhile
+        # (the dashboard or an ingest may write), opened only for each read.
         with store.open_db(path, read_only=True) as con:
-            loaded = _load_model_or_fail(con, model)
-            model_id = loaded.model_id  # type: ignore[attr-defined]
+            model_path = _model_path_or_fail(con, model)
             n_user = con.execute("SELECT count(*) FROM events WHERE user_id = ?", [user]).fetchone()
             if not n_user or not n_user[0]:
                 raise _fail(f"no user {user!r} in {path}")
-            saved = alerts.saved_setting(con, model_id)
-            threshold = saved.threshold if saved is not None else alerts.DEFAULT_THRESHOLD
-            explanation = explain_user(
-                con,
-                loaded,  # type: ignore[arg-type]
-                user,
-                start_ts,
-                end_ts,
-                threshold=threshold,
-                weight=saved.weight if saved is not None else None,
-                settings=ExplainSettings(
-                    n_steps=steps,
-                    internal_batch_size=internal_batch_size,
-                    target=target,  # type: ignore[arg-type]
-                ),
-            )
+        loaded = _load_or_fail(model_path, model)
+        with store.open_db(path, read_only=True) as con:
+            saved = alerts.saved_setting(con, loaded.model_id)  # type: ignore[attr-defined]
+        threshold = saved.threshold if saved is not None else alerts.DEFAULT_THRESHOLD
+        explanation = explain_user(
+            path,
+            loaded,  # type: ignore[arg-type]
+            user,
+            start_ts,
+            end_ts,
+            threshold=threshold,
+            weight=saved.weight if saved is not None else None,
+            settings=ExplainSettings(
+                n_steps=steps,
+                internal_batch_size=internal_batch_size,
+                target=target,  # type: ignore[arg-type]
+            ),
+            read_only=True,
+        )
     except store.StoreError as exc:
         raise _fail(str(exc)) from None
     except ValueError as exc:  # e.g. --target supervised on a model without that head

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -179,7 +180,7 @@ def _linked_entities(
 
 
 def explain_user(
-    con: duckdb.DuckDBPyConnection,
+    db: duckdb.DuckDBPyConnection | str | Path,
     loaded: LoadedModel,
     user_id: str,
     start: datetime | None = None,
@@ -191,6 +192,7 @@ def explain_user(
     top_k: int = 10,
     weight: float | None = None,
     vocabulary: tuple[str, ...] | None = None,
+    read_only: bool = False,
 ) -> Explanation | None:
     """Attributions, deletion check and facts for one user's events in [start, end); None when
     the user has no events there.
@@ -198,11 +200,16 @@ def explain_user(
     The score in the facts is the one the Investigate header shows (full history, combined
     with the saved unsupervised ``weight``); ``population`` and ``vocabulary`` may be passed
     in when a caller caches them (they are the same for every user of a range).
+
+    ``db``: a connection, used as is; or the database path, opened (``read_only`` or not) only
+    for the reads before and after the attributions, so that the file's lock is free while
+    Captum runs and an ingest or scoring job elsewhere need not wait for it.
     """
     from core.investigate import user_header
 
     settings = settings or ExplainSettings()
-    events = store.user_events(con, user_id, start, end)
+    with store.using(db, read_only=read_only) as con:
+        events = store.user_events(con, user_id, start, end)
     if events.empty:
         return None
     attribution = explain_events(loaded, events, settings)
@@ -231,32 +238,33 @@ def explain_user(
             )
         )
 
-    linked, _ = _linked_entities(con, user_id)
-    if population is None:
-        population = population_statistics(con, start, end)
-    names = population["name"].tolist()
-    mine = user_statistics(events, names)
-    peers = tuple(
-        PeerStat(
-            name=str(r.name),
-            user_value=round(float(mine[r.name]), 2),
-            population_median=round(float(r.median), 2),
-            population_p95=round(float(r.p95), 2),
+    with store.using(db, read_only=read_only) as con:
+        linked, _ = _linked_entities(con, user_id)
+        if population is None:
+            population = population_statistics(con, start, end)
+        names = population["name"].tolist()
+        mine = user_statistics(events, names)
+        peers = tuple(
+            PeerStat(
+                name=str(r.name),
+                user_value=round(float(mine[r.name]), 2),
+                population_median=round(float(r.median), 2),
+                population_p95=round(float(r.p95), 2),
+            )
+            for r in population.itertuples(index=False)
+            if r.median is not None and not pd.isna(r.median)
         )
-        for r in population.itertuples(index=False)
-        if r.median is not None and not pd.isna(r.median)
-    )
-    account_probability, signals = None, None
-    if loaded.aggregate is not None:  # full history, as the header's probability
-        features = loaded.aggregate.features(con, [user_id])
-        account_probability = float(loaded.aggregate.predict_features(features)[0])
-        signals = loaded.aggregate.top_contributions(features, k=5)
-    header = user_header(con, user_id, loaded.model_id, start, end, weight=weight)
-    # The header's score when the user has been scored, else the explained window's own.
-    score = check.score_before if header is None or header.score is None else header.score
-    percentile = None if header is None else header.percentile
-    if vocabulary is None:
-        vocabulary = event_vocabulary(con)
+        account_probability, signals = None, None
+        if loaded.aggregate is not None:  # full history, as the header's probability
+            features = loaded.aggregate.features(con, [user_id])
+            account_probability = float(loaded.aggregate.predict_features(features)[0])
+            signals = loaded.aggregate.top_contributions(features, k=5)
+        header = user_header(con, user_id, loaded.model_id, start, end, weight=weight)
+        # The header's score when the user has been scored, else the explained window's own.
+        score = check.score_before if header is None or header.score is None else header.score
+        percentile = None if header is None else header.percentile
+        if vocabulary is None:
+            vocabulary = event_vocabulary(con)
     facts = Facts(
         user_id=str(user_id),
         model_id=loaded.model_id,

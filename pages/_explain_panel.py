@@ -82,18 +82,18 @@ def explanation_job(
     words = vocabulary(db_path, version)
 
     def compute() -> evidence.Explanation | None:
-        with store.open_db(db_path) as con:
-            return evidence.explain_user(
-                con,
-                loaded,
-                user,
-                start,
-                end,
-                threshold=threshold,
-                population=pop,
-                weight=weight,
-                vocabulary=words,
-            )
+        # The path, not a connection: the file is open only for the reads around Captum.
+        return evidence.explain_user(
+            db_path,
+            loaded,
+            user,
+            start,
+            end,
+            threshold=threshold,
+            population=pop,
+            weight=weight,
+            vocabulary=words,
+        )
 
     return explain_jobs().get(key, compute)
 

@@ -115,3 +115,37 @@ def test_case_export_takes_the_newest_explanation_whole(
     row = frame.iloc[0]
     assert row["top_attributed_events"]
     assert pd.isna(row["summary"]) and pd.isna(row["summary_backend"])
+
+
+def test_given_a_path_the_file_is_closed_while_captum_runs(
+    demo_db_copy: DemoEnv, loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dashboard's explanation job and `fraudlens explain` pass the database path: the
+    file must not be held open (locked against an ingest in another process) during the
+    attributions and the deletion check, only for the reads around them."""
+    import duckdb
+
+    import core.evidence as evidence_module
+
+    path = str(demo_db_copy.db_path)
+    real = evidence_module.explain_events
+    seen: list[bool] = []
+
+    def probing(*args, **kwargs):
+        # A read-only open in this process fails while a read-write instance of the file is
+        # alive here ("different configuration"); it succeeds when nothing holds it.
+        try:
+            duckdb.connect(path, read_only=True).close()
+            seen.append(True)
+        except duckdb.Error:
+            seen.append(False)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evidence_module, "explain_events", probing)
+    with store.open_db(path) as con:
+        user = _user_sharing_a_device(con)[0]
+        held = explain_user(con, loaded, user, threshold=0.7)  # a connection: used as is
+    assert seen == [False] and held is not None
+    free = explain_user(path, loaded, user, threshold=0.7)
+    assert seen == [False, True] and free is not None
+    assert free.facts == held.facts
