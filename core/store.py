@@ -16,6 +16,7 @@ import csv
 import gzip
 import hashlib
 import re
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -808,10 +809,29 @@ def _run_batch(
         "gap": schema.SESSION_GAP_MINUTES,
         "ts_format": ts_unit,
     }
+    blanked: dict[int, str] = {}  # CSV line -> its text, for lines an open quote ran on from
+    repair_dir: tempfile.TemporaryDirectory[str] | None = None
     try:
         _drop_scratch(con)
         sql = _checked_sql(src, plans)
         con.execute(sql, _used(sql, params))
+        while src.rejects and (runaway := _runaway_quotes(con)):
+            if len(blanked) >= _MAX_RUNAWAY_QUOTES:
+                raise IngestError(
+                    f"{Path(src.name).name}: more than {_MAX_RUNAWAY_QUOTES} lines open a quote "
+                    '(") that they never close; the file seems to use " as a plain character. '
+                    "Export it with quoted fields (or without quote characters) and ingest again"
+                )
+            # A field that opens a quote and never closes it makes the CSV reader take the rest
+            # of the file as that one field: one reject, every later row gone. Read a copy in
+            # which each such line is a plain broken line instead, so the lines after it are
+            # read as rows; the line itself is quarantined with its own text (below).
+            repair_dir = repair_dir or tempfile.TemporaryDirectory(prefix="fraudlens-")
+            params["path"] = _blank_lines(
+                src, Path(params["path"]), runaway, blanked, Path(repair_dir.name)
+            )
+            _drop_scratch(con)
+            con.execute(sql, _used(sql, params))
         if src.direct_sql:
             # A CTAS keeps the scan's order, so rowid is the row ordinal; numbering in the
             # read (row_number() OVER ()) would force the parse onto one thread.
@@ -860,6 +880,7 @@ def _run_batch(
                 rows_read,
                 int(n_ok),
                 started,
+                blanked,
             )
             con.commit()
         except BaseException:
@@ -869,7 +890,57 @@ def _run_batch(
         raise IngestError(f"{Path(src.name).name}: cannot ingest: {_first_line(exc)}") from exc
     finally:
         _drop_scratch(con)
+        if repair_dir is not None:
+            repair_dir.cleanup()
     return report
+
+
+_RUNAWAY_REASON = "bad quoting (a quote opened here is never closed)"
+# Each such line costs one more read of the file; beyond this many the file is not quoted CSV.
+_MAX_RUNAWAY_QUOTES = 100
+
+
+def _runaway_quotes(con: duckdb.DuckDBPyConnection) -> list[tuple[int, int]]:
+    """(line, byte offset of the line) of the first reject where an open quote swallowed later
+    lines. Only the first: DuckDB numbers records, not lines, so past a swallowed stretch its
+    line numbers and offsets no longer point at the file's lines (the next pass finds the
+    next one)."""
+    rows = con.execute(
+        f"SELECT line, line_byte_position FROM {_REJECTS}"  # noqa: S608
+        " WHERE error_type IN ('UNQUOTED VALUE', 'UNTERMINATED QUOTES')"
+        " AND contains(csv_line, chr(10)) ORDER BY line LIMIT 1"
+    ).fetchall()
+    return [(int(line), int(pos)) for line, pos in rows]
+
+
+def _blank_lines(
+    src: _Source,
+    source: Path,
+    runaway: list[tuple[int, int]],
+    blanked: dict[int, str],
+    directory: Path,
+) -> str:
+    """A copy of the CSV in which each given line (with what ``blanked`` holds already) is
+    replaced by delimiters only: a line with too many fields, rejected where it stands, which
+    keeps every line number. ``blanked`` gains each line's original text."""
+    opener = gzip.open if source.name.lower().endswith(".gz") else open
+    with opener(source, "rb") as fh:
+        data = bytearray(fh.read())
+    filler = (str(src.params["delim"]) * len(src.columns)).encode()
+    for line, position in runaway:
+        start = position - 1  # DuckDB counts bytes from 1
+        if start < 0 or start > len(data):
+            raise StoreError(f"internal: cannot find line {line} of {source.name}")
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        text = bytes(data[start:end]).rstrip(b"\r").decode("utf-8", errors="replace")
+        blanked[line] = text
+        data[start:end] = filler
+    # ``source`` is the last copy when there was one: lines blanked before stay blanked, and
+    # DuckDB's byte offsets are those of the file it read.
+    target = directory / f"repaired-{len(blanked)}.csv"
+    target.write_bytes(bytes(data))
+    return str(target)
 
 
 def _first_rowid(con: duckdb.DuckDBPyConnection, table: str) -> int:
@@ -1053,6 +1124,7 @@ def _write_batch(
     rows_read: int,
     n_ok: int,
     started: float,
+    blanked: dict[int, str] | None = None,
 ) -> IngestReport:
     """The writes of a batch; the caller holds the transaction. A retry of an attempt that
     accepted nothing takes over its batch id: its quarantine rows are replaced by this
@@ -1092,6 +1164,11 @@ def _write_batch(
             ORDER BY line""",  # noqa: S608
             ids,
         )
+        for line, text in (blanked or {}).items():  # the blanked lines: their own reason and text
+            con.execute(
+                "UPDATE quarantine SET reason = ?, raw = ? WHERE batch_id = ? AND line = ?",
+                [_RUNAWAY_REASON, text, batch_id, line],
+            )
     else:
         con.execute(
             f"""INSERT INTO quarantine SELECT $batch_id, $source, __n, reason, raw
