@@ -487,21 +487,29 @@ def write_scores(
     embeddings: pa.Table | None = None,
 ) -> None:
     """Replace this model's scores (and, given, the users' embeddings) for these users and
-    range, in one transaction."""
+    range, in one transaction.
+
+    Event scores and embeddings have no range: one value per event (per user) and model, the
+    one computed over the user's full history, where each event has all its context. A ranged
+    run (``start`` or ``end`` given) therefore only fills in events and users that have none
+    yet; it never overwrites what a full-history run wrote.
+    """
     now = datetime.now(UTC).replace(tzinfo=None)
+    ranged = start is not None or end is not None
     con.execute("BEGIN TRANSACTION")
     try:
         con.register("_new_event_scores", events_frame)
         con.register("_new_user_scores", users_frame)
         con.execute(
             "DELETE FROM event_scores WHERE model_id = ? "
-            "AND event_id IN (SELECT event_id FROM _new_event_scores)",
-            [model_id],
+            "AND event_id IN (SELECT event_id FROM _new_event_scores) AND NOT ?",
+            [model_id, ranged],
         )
         con.execute(
-            "INSERT INTO event_scores (event_id, model_id, surprisal) "
-            "SELECT event_id, ?, surprisal FROM _new_event_scores",
-            [model_id],
+            "INSERT INTO event_scores (event_id, model_id, surprisal) SELECT event_id, ?,"
+            " surprisal FROM _new_event_scores WHERE NOT ? OR event_id NOT IN"
+            " (SELECT event_id FROM event_scores WHERE model_id = ?)",
+            [model_id, ranged, model_id],
         )
         con.execute(
             "DELETE FROM sequence_scores WHERE model_id = ? "
@@ -521,13 +529,14 @@ def write_scores(
             con.register("_new_embeddings", embeddings)
             con.execute(
                 "DELETE FROM user_embeddings WHERE model_id = ? "
-                "AND user_id IN (SELECT user_id FROM _new_embeddings)",
-                [model_id],
+                "AND user_id IN (SELECT user_id FROM _new_embeddings) AND NOT ?",
+                [model_id, ranged],
             )
             con.execute(
                 "INSERT INTO user_embeddings (model_id, user_id, embedding) "
-                "SELECT ?, user_id, embedding::FLOAT[] FROM _new_embeddings",
-                [model_id],
+                "SELECT ?, user_id, embedding::FLOAT[] FROM _new_embeddings WHERE NOT ? OR"
+                " user_id NOT IN (SELECT user_id FROM user_embeddings WHERE model_id = ?)",
+                [model_id, ranged, model_id],
             )
         con.execute("COMMIT")
     except BaseException:

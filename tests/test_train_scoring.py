@@ -466,6 +466,56 @@ def test_ranged_scoring_uses_only_events_in_range(demo_db_copy) -> None:
     assert full == (400,)  # the full-history scores are kept beside the ranged ones
 
 
+def test_ranged_scoring_keeps_the_full_history_event_scores(demo_db_copy) -> None:
+    """An event's stored surprisal is the full-history one (all its context); a ranged run
+    writes its window score beside the full-history score and only fills in events that had
+    no score, so the timeline and the full-history score keep agreeing."""
+    loaded = load_model(demo_db_copy.models_dir / demo_db_copy.model_id)
+    start, end = datetime(2026, 10, 5), datetime(2026, 10, 12)
+    with store.open_db(demo_db_copy.db_path) as con:
+        users = [
+            r[0]
+            for r in con.execute(
+                "SELECT user_id FROM events GROUP BY user_id "
+                "HAVING min(ts) < ? AND max(ts) >= ? ORDER BY user_id LIMIT 10",
+                [start, end],
+            ).fetchall()
+        ]
+
+        def stored() -> dict[int, float]:
+            rows = con.execute(
+                "SELECT s.event_id, s.surprisal FROM event_scores s JOIN events e USING"
+                " (event_id) WHERE s.model_id = ? AND e.user_id IN (SELECT unnest(?::VARCHAR[]))",
+                [loaded.model_id, users],
+            ).fetchall()
+            return {int(e): float(v) for e, v in rows}
+
+        score_users(con, loaded, users)  # full history
+        before = stored()
+        # Events in the range that lost their score: the ranged run fills them in.
+        dropped = [
+            int(r[0])
+            for r in con.execute(
+                "SELECT event_id FROM events WHERE user_id IN (SELECT unnest(?::VARCHAR[]))"
+                " AND ts >= ? AND ts < ? ORDER BY event_id LIMIT 5",
+                [users, start, end],
+            ).fetchall()
+        ]
+        con.execute(
+            "DELETE FROM event_scores WHERE model_id = ? AND event_id IN"
+            " (SELECT unnest(?::BIGINT[]))",
+            [loaded.model_id, dropped],
+        )
+        ranged = score_users(con, loaded, users, start, end)
+        after = stored()
+    assert len(ranged) >= 5
+    assert {e: after[e] for e in before if e not in dropped} == {
+        e: v for e, v in before.items() if e not in dropped
+    }
+    assert len(dropped) == 5 and all(e in after for e in dropped)
+    assert set(after) == set(before)
+
+
 def test_an_epoch_sample_keeps_every_positive_and_draws_fresh_negatives() -> None:
     from core.train import _epoch_sample
 
