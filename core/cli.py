@@ -43,7 +43,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 @app.command()
 def demo(
     users: Annotated[int, typer.Option(min=10, help="Number of users in the world.")] = 3000,
-    days: Annotated[int, typer.Option(min=1, help="Days of history.")] = 30,
+    days: Annotated[int, typer.Option(min=3, help="Days of history (at least 3).")] = 30,
     fraud_rate: Annotated[float, typer.Option(min=0.0, max=0.5, help="Fraud share.")] = 0.05,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same world).")] = 0,
     db: DbOption = None,
@@ -108,6 +108,12 @@ def ingest(
         raise _fail(f"--ts-unit: {exc}", 2) from None
     if no_header and not columns:
         raise _fail("--no-header needs --columns a,b,c naming the file's columns", 2)
+    if columns and not no_header:  # else the header line would be read as a row of data
+        raise _fail(
+            "--columns names the columns of a file without a header: add --no-header "
+            "(to rename a header's columns, use --map canonical=source)",
+            2,
+        )
     try:
         mapping = store.parse_mapping(map_ or [])
         events = store.parse_event_map(event_map) if event_map else None
@@ -205,7 +211,11 @@ def compact(db: DbOption = None) -> None:
 def _read_users_file(path: Path | None) -> list[str] | None:
     if path is None:
         return None
-    users = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(f"cannot read the users file {path}: {exc}", 2) from None
+    users = [line.strip() for line in text.splitlines() if line.strip()]
     if not users:
         raise _fail(f"{path} lists no users (one user id per line)", 2)
     return users

@@ -1395,6 +1395,11 @@ def _parquet_source(con: duckdb.DuckDBPyConnection, path: Path, checksum: str) -
 def _csv_source(
     path: Path, head: bytes, checksum: str, columns: list[str] | None, delimiter: str | None
 ) -> _Source:
+    if b"\r" in head and b"\n" not in head:
+        raise IngestError(
+            f"{path.name}: lines end in CR only (classic Mac text); save it with LF or CRLF "
+            "line endings and ingest again"
+        )
     first = _first_line_text(head)
     if not first.strip():
         raise IngestError(f"{path.name}: no rows (the first line is empty)")

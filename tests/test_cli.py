@@ -163,3 +163,64 @@ def test_evaluate_with_cross_validation_on_a_tiny_world(env: Path) -> None:
     for summary in report["cv"].values():
         assert {"auprc_mean", "auprc_std", "auroc_mean", "recall_at_budget_mean"} <= set(summary)
     assert out.with_suffix(".md").exists()
+
+
+def test_real_layouts_through_the_cli_options(env: Path) -> None:
+    """The issue's real-format checks, as an analyst types them: RetailRocket with --map and
+    --event-map, Taobao UserBehavior with --no-header --columns."""
+    retail = env / "events.csv"
+    retail.write_text(
+        "timestamp,visitorid,event,itemid,transactionid\n"
+        "1433221332117,257597,view,355908,\n"
+        "1433221999827,111016,addtocart,10572,\n"
+        "1433222276276,483717,transaction,253185,4000\n"
+    )
+    result = invoke(
+        "ingest",
+        str(retail),
+        "--map",
+        "ts=timestamp",
+        "--map",
+        "user_id=visitorid",
+        "--map",
+        "event_type=event",
+        "--map",
+        "item_id=itemid",
+        "--event-map",
+        "addtocart=cart,transaction=purchase",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)[0]
+    assert (report["rows_accepted"], report["rows_quarantined"]) == (3, 0)
+    taobao = env / "UserBehavior.csv"
+    taobao.write_text("1,2268318,2520377,pv,1511544070\n100,4365585,2520377,buy,1511596146\n")
+    cols = "user_id,item_id,category,event_type,ts"
+    result = invoke("ingest", str(taobao), "--no-header", "--columns", cols, "--json",
+                    "--event-map", "pv=view,buy=purchase")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)[0]["rows_accepted"] == 2
+    with store.open_db(env / "cli.duckdb", read_only=True) as con:
+        rows = con.execute("SELECT user_id, event_type FROM events ORDER BY ts").fetchall()
+    assert rows == [  # 2015 (RetailRocket) before 2017 (Taobao)
+        ("257597", "view"),
+        ("111016", "cart"),
+        ("483717", "purchase"),
+        ("1", "view"),
+        ("100", "purchase"),
+    ]
+
+
+def test_option_mistakes_get_one_clear_line(env: Path) -> None:
+    taobao = env / "UserBehavior.csv"
+    taobao.write_text("user,item,cat,behavior,ts\n1,2268318,2520377,pv,1511544070\n")
+    result = invoke("ingest", str(taobao), "--columns", "user_id,item_id,category,event_type,ts")
+    assert result.exit_code == 2 and "add --no-header" in result.output
+    old_mac = env / "mac.csv"
+    old_mac.write_bytes(b"user_id,ts,event_type\ru1,2026-01-01T00:00:00,view\r")
+    result = invoke("ingest", str(old_mac))
+    assert result.exit_code == 1 and "CR only" in result.output
+    result = invoke("demo", "--days", "2")
+    assert result.exit_code == 2 and "--days" in result.output
+    result = invoke("train", "--users-file", str(env / "missing.txt"))
+    assert result.exit_code == 2 and "cannot read the users file" in result.output
