@@ -733,6 +733,7 @@ _SORTED = "__fl_events_sorted"
 _STAGE = "__fl_stage"
 _KEYS = "__fl_keys"
 _SESSIONS = "__fl_sessions"
+_CONTINUED = "__fl_continued"
 _DUPS = "__fl_dups"
 _ORDINAL = "__fl_ordinal"
 
@@ -772,7 +773,7 @@ def _duplicate_batch(con: duckdb.DuckDBPyConnection, checksum: str) -> int | Non
 def _drop_scratch(con: duckdb.DuckDBPyConnection) -> None:
     # Identifiers in f-string SQL in this module are the module's own scratch-table constants
     # (_STAGE, _CHECKED, ...), never data: every value from outside is a ? / $name parameter.
-    scratch = (_STAGE, _CHECKED, _DUPS, _KEYS, _SESSIONS, _REJECTS, _REJECT_SCANS)
+    scratch = (_STAGE, _CHECKED, _DUPS, _KEYS, _SESSIONS, _CONTINUED, _REJECTS, _REJECT_SCANS)
     for table in (*scratch, _REJECTS_AGAIN, _REJECT_SCANS_AGAIN):
         con.execute(f"DROP TABLE IF EXISTS {table}")
 
@@ -1069,6 +1070,16 @@ def _sessionize(con: duckdb.DuckDBPyConnection, params: dict[str, Any]) -> None:
         FROM g"""  # noqa: S608
     con.execute(sql, _used(sql, params))
     con.execute(f"DROP TABLE {_KEYS}")
+    # A user's first session in this batch continues the session of their last stored event
+    # when that event is within the gap (a log shipped in hourly files must not break every
+    # session at the hour). Later stored events (late data) do not re-split stored sessions.
+    cont = f"""CREATE TEMP TABLE {_CONTINUED} AS
+        WITH f AS (SELECT user_id, min(ts) AS first_ts FROM {_SESSIONS} GROUP BY user_id)
+        SELECT f.user_id, f.first_ts, arg_max(e.session_id, e.ts) AS session_id
+        FROM events e JOIN f ON e.user_id = f.user_id AND e.ts <= f.first_ts
+        GROUP BY f.user_id, f.first_ts
+        HAVING f.first_ts - max(e.ts) <= to_minutes(CAST($gap AS BIGINT))"""  # noqa: S608
+    con.execute(cont, _used(cont, params))
 
 
 def _new_rows_sql(
@@ -1097,7 +1108,7 @@ def _new_rows_sql(
         event_id=f"coalesce(w.v_event_id, {generated})" if "event_id" in plans else generated,
         batch_id="$batch_id",
     )
-    session = "k.user_id || ':' || strftime(k.__start, '%Y%m%dT%H%M%S')"
+    session = "coalesce(c.session_id, k.user_id || ':' || strftime(k.__start, '%Y%m%dT%H%M%S'))"
     exprs["session_id"] = (
         f"coalesce(w.v_session_id, {session})" if "session_id" in plans else session
     )
@@ -1111,7 +1122,10 @@ def _new_rows_sql(
     cols = ", ".join(
         f"CAST({exprs.get(c, 'NULL')} AS {t}) AS {c}" for c, t in schema.COLUMN_TYPES.items()
     )
-    return f"SELECT {cols}, k.__pos FROM ({wide}) w JOIN {_SESSIONS} k USING (__n)"  # noqa: S608
+    return (
+        f"SELECT {cols}, k.__pos FROM ({wide}) w JOIN {_SESSIONS} k USING (__n)"  # noqa: S608
+        f" LEFT JOIN {_CONTINUED} c ON c.user_id = k.user_id AND c.first_ts = k.__start"
+    )
 
 
 def _write_batch(

@@ -612,6 +612,31 @@ def test_sessions_split_on_gaps_longer_than_the_limit(con) -> None:
     assert other == ("other:20240301T120000",)
 
 
+def test_a_session_continues_across_batches(con) -> None:
+    """Logs shipped in files (hourly, daily) cut sessions at the file boundary unless the
+    next batch picks up the session of the user's last stored event within the gap."""
+
+    def batch(user: str, minutes: list[int], source: str) -> None:
+        df = pd.DataFrame(
+            {
+                "ts": [T0 + timedelta(minutes=m) for m in minutes],
+                "user_id": user,
+                "event_type": "view",
+            }
+        )
+        store.ingest_dataframe(con, df, source=source)
+
+    batch("u", [0, 5], "first file")
+    batch("v", [0], "first file, other user")
+    batch("u", [15, 25, 90], "second file")  # 10 min after u's last: same session; 90: new
+    batch("v", [45], "second file, other user")  # 45 min after v's last: a new session
+    rows = con.execute("SELECT user_id, session_id FROM events ORDER BY user_id, ts").fetchall()
+    u = [sid for user, sid in rows if user == "u"]
+    v = [sid for user, sid in rows if user == "v"]
+    assert u[:4] == ["u:20240301T120000"] * 4 and u[4] == "u:20240301T133000"
+    assert v == ["v:20240301T120000", "v:20240301T124500"]
+
+
 def test_given_session_ids_are_kept(con) -> None:
     df = pd.DataFrame(
         {
