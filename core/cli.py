@@ -293,13 +293,20 @@ def train(
     )
     users = _read_users_file(users_file)
     until_ts = _parse_ts(until, "--until")
+    models_dir = get_settings().models_dir
+    if resume is not None and not (models_dir / resume / "checkpoint" / "state.pt").exists():
+        raise _fail(
+            f"--resume {resume}: no checkpoint at {models_dir / resume / 'checkpoint'}; "
+            "leave --resume out to train a new model",
+            2,
+        )
     try:
         # A path, not a connection: the file is opened only to read events and to register
         # the model, so the dashboard can keep using it during the minutes of training.
         result = train_model(
             _db(db),
             cfg,
-            models_dir=get_settings().models_dir,
+            models_dir=models_dir,
             users=users,
             until=until_ts,
             model_id=resume,

@@ -149,12 +149,14 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict,
+    best_weights: dict[str, torch.Tensor],
 ) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / "state.pt.tmp"
     torch.save(
         {
             "model": model.state_dict(),
+            "best_model": best_weights,  # a resumed run ends on these if nothing beats them
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "state": state,
@@ -193,8 +195,11 @@ def pretrain(
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
     best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if ckpt is not None and ckpt.exists() and "best_model" in saved:
+        best_weights = saved["best_model"]
     tokens, seconds = 0, 0.0
-    while state["epoch"] < cfg.epochs and state["bad_epochs"] <= cfg.patience:
+    # Early stopping: `patience` epochs in a row without a better validation NLL end it.
+    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         epoch = state["epoch"]
         model.train()
         started = time.perf_counter()
@@ -231,7 +236,7 @@ def pretrain(
             best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state["epoch"] = epoch + 1
         if checkpoint_dir is not None:
-            _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state)
+            _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state, best_weights)
     model.load_state_dict(best_weights)
     return {
         "pretrain_epochs": state["epoch"],

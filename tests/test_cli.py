@@ -224,3 +224,10 @@ def test_option_mistakes_get_one_clear_line(env: Path) -> None:
     assert result.exit_code == 2 and "--days" in result.output
     result = invoke("train", "--users-file", str(env / "missing.txt"))
     assert result.exit_code == 2 and "cannot read the users file" in result.output
+
+
+def test_resume_of_an_unknown_model_is_refused(env: Path) -> None:
+    store.connect(env / "cli.duckdb").close()
+    result = invoke("train", "--resume", "no-such-model")
+    assert result.exit_code == 2 and "no checkpoint" in result.output
+    assert not (env / "models" / "no-such-model").exists()

@@ -419,6 +419,43 @@ def test_training_resumes_from_its_checkpoint(log_world: LogWorld, tmp_path: Pat
     assert registered == (1,)
 
 
+def test_a_resumed_run_ends_on_the_best_weights_not_the_last(
+    log_world: LogWorld, tmp_path: Path
+) -> None:
+    """The checkpoint carries the best epoch's weights: a run resumed after a worse last
+    epoch must not finish on that epoch's weights (the reported val_nll is the best's)."""
+    from core.model import BehaviorModel
+
+    db_path = tmp_path / "logs.duckdb"
+    shutil.copy(log_world.db_path, db_path)
+    models_dir = tmp_path / "models"
+    state_file = models_dir / "best" / "checkpoint" / "state.pt"
+    cfg = replace(TINY, epochs=2)
+    train_model(db_path, cfg, models_dir=models_dir, model_id="best", progress=False)
+    saved = torch.load(state_file, weights_only=False)
+    best = {k: v.clone() for k, v in saved["best_model"].items()}
+    # The last epoch "went wrong": noise instead of its weights.
+    saved["model"] = {k: torch.randn_like(v) if v.is_floating_point() else v
+                      for k, v in saved["model"].items()}  # fmt: skip
+    torch.save(saved, state_file)
+    train_model(db_path, cfg, models_dir=models_dir, model_id="best", progress=False)
+    final = BehaviorModel.from_pretrained(models_dir / "best").state_dict()
+    for name, value in best.items():
+        torch.testing.assert_close(final[name], value)
+
+
+def test_early_stopping_ends_after_patience_epochs_without_progress(
+    log_world: LogWorld, tmp_path: Path
+) -> None:
+    """With a learning rate of 0 nothing improves after the first epoch: patience 2 stops the
+    run after epochs 2 and 3 brought nothing."""
+    db_path = tmp_path / "logs.duckdb"
+    shutil.copy(log_world.db_path, db_path)
+    cfg = replace(TINY, epochs=10, patience=2, learning_rate=0.0)
+    result = train_model(db_path, cfg, models_dir=tmp_path / "m", progress=False)
+    assert result.metrics["pretrain_epochs"] == 3
+
+
 def test_ranged_scoring_uses_only_events_in_range(demo_db_copy) -> None:
     loaded = load_model(demo_db_copy.models_dir / demo_db_copy.model_id)
     start, end = datetime(2026, 10, 5), datetime(2026, 10, 12)
