@@ -898,6 +898,12 @@ def check_grounding(text: str, facts: Facts) -> GroundingReport:
         pattern = r"(?<![\w.])" + re.escape(value) + r"(?![\w]|\.\d)"
         s.take(pattern, lambda m, v=value: s.ok(m.group(0), ev.strings[v]), re.IGNORECASE)
 
+    # 1b. Event types with digits (log keys such as E125, HTTP 503) that the facts' events
+    # have: named as they are, not ids (step 3 would take them for one). Others wait for 4.
+    for key, pattern in ev.type_patterns:
+        if key in ev.event_words and re.search(r"\d", key):
+            s.take(pattern, lambda m, k=key: s.ok(m.group(0).strip(), ev.event_words[k]))
+
     # 2. Event references: "event 123456", "event id 123456" (not "event 2024-03-05").
     def event_ref(m: re.Match[str]) -> None:
         if int(m.group(1)) in ev.event_ids:

@@ -962,3 +962,21 @@ def test_counterfactual_sentence_adds_the_fraud_probability_it_explains() -> Non
     assert Facts.from_dict(json.loads(json.dumps(facts.to_dict()))) == facts
     # an unsupervised explanation (no probabilities) keeps the one-clause sentence
     assert "probability" not in counterfactual_sentence(CounterfactualFact(5, 0.93, 0.88, 0.92))
+
+
+def test_log_key_event_types_with_digits_are_event_types_not_ids() -> None:
+    """Real logs name events by template keys (E125, E5): the template's own summary of such
+    a user must pass, while a key the facts' events lack is still caught."""
+    keys = tuple(
+        replace(e, event_type=k)
+        for e, k in zip(FACTS.top_events, ("E125", "E5", "E1020"), strict=True)
+    )
+    facts = make_facts(top_events=keys, vocabulary=("E125", "E5", "E1020", "E77"))
+    template = TemplateNarrator().generate(facts)
+    assert "E125" in template
+    report = check_grounding(template, facts)
+    assert report.grounded, report.problems
+    assert check_grounding("The E1020 event at 14:23 closes the burst.", facts).grounded
+    for invented in ("E999", "E77"):  # not an event of the facts (E77 is only in the vocabulary)
+        report = check_grounding(f"An {invented} event preceded the purchase.", facts)
+        assert not report.grounded and any(invented in p for p in report.problems)
