@@ -66,6 +66,7 @@ DEFAULT_UNSUPERVISED_WEIGHT = 1.0 / 3.0
 # user) or a saturated sigmoid would otherwise be infinite evidence.
 _LOGIT_EPS = 1e-5
 EVIDENCE_CAP = 256
+_TIE_TOLERANCE = 1e-6
 REFERENCE_FILE = "score_reference.json"
 
 
@@ -86,8 +87,21 @@ class ScoreReference:
     embedding_mean: list[float] = field(default_factory=list)
 
     def percentile(self, raw: np.ndarray) -> np.ndarray:
+        """Share of training users scoring below ``raw``, ties counted half (mid-rank).
+
+        Ties matter on real logs: many users with the same short sequence (one event of the
+        commonest kind) share one score, and counting them all as "below" put every one of
+        them above the 90th percentile. Scores within a relative 1e-6 are ties: rescoring a
+        user in another batch moves float32 sums by about that much, and the percentile of
+        the same behaviour must not jump a rank (it did: the deletion check started from
+        another score than the header's).
+        """
         q = np.asarray(self.quantiles)
-        return np.searchsorted(q, np.asarray(raw, dtype=float), side="right") / len(q)
+        x = np.asarray(raw, dtype=float)
+        tol = _TIE_TOLERANCE * np.maximum(1.0, np.abs(x))
+        below = np.searchsorted(q, x - tol, side="left")
+        not_above = np.searchsorted(q, x + tol, side="right")
+        return (below + not_above) / 2.0 / len(q)
 
     def standardise(self, raw: np.ndarray) -> np.ndarray:
         return (np.asarray(raw, dtype=float) - self.mean) / (self.std or 1.0)

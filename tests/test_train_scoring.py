@@ -145,6 +145,20 @@ def test_save_load_round_trip_gives_the_scores_of_the_trained_model(demo_env) ->
     )
 
 
+def test_percentile_counts_ties_half_and_ignores_float_noise() -> None:
+    """Half the training users share one score (one event of the commonest kind, as on real
+    logs): they sit in the middle of the tie, not above all of it. A rescored value that
+    differs by float noise gets the same percentile."""
+    ref = ScoreReference(
+        field_mean=[0.0], field_std=[1.0], quantiles=[1.0] * 3 + [2.0] * 5 + [4.0] * 2,
+        mean=0.0, std=1.0,
+    )  # fmt: skip
+    np.testing.assert_allclose(ref.percentile(np.array([2.0])), [(3 + 2.5) / 10])
+    np.testing.assert_allclose(ref.percentile(np.array([2.0 * (1 + 5e-7)])), [0.55])
+    np.testing.assert_allclose(ref.percentile(np.array([0.5, 3.0, 9.0])), [0.0, 0.8, 1.0])
+    np.testing.assert_allclose(ref.percentile(np.array([4.0])), [0.9])
+
+
 def test_a_resaved_model_directory_scores_identically(demo_env, tmp_path: Path) -> None:
     loaded = load_model(demo_env.models_dir / demo_env.model_id)
     copy = tmp_path / "resaved"
