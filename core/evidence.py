@@ -265,7 +265,10 @@ def explain_user(
         percentile = None if header is None else header.percentile
         if vocabulary is None:
             vocabulary = event_vocabulary(con)
+    stamps = pd.to_datetime(events["ts"])
     facts = Facts(
+        first_ts=stamps.min().to_pydatetime(),
+        last_ts=stamps.max().to_pydatetime(),
         user_id=str(user_id),
         model_id=loaded.model_id,
         start=start,

@@ -337,7 +337,7 @@ def _evidence(facts: Facts) -> _Evidence:
             # Free text from the logs could carry any claim: only single tokens whitelist.
             strings.setdefault(text.lower(), path)
 
-    times = [t for t in (facts.start, facts.end) if t is not None]
+    times = [t for t in (facts.start, facts.end, facts.first_ts, facts.last_ts) if t is not None]
     times += [e.ts for e in facts.top_events]
     for t in times:
         numbers.append(_Number(float(t.year), f"year of {t:%Y-%m-%d}"))
@@ -388,6 +388,9 @@ def _evidence(facts: Facts) -> _Evidence:
     durations: list[tuple[float, str]] = []
     if facts.start is not None and facts.end is not None:
         durations.append(((facts.end - facts.start).total_seconds(), "length of the range"))
+    if facts.first_ts is not None and facts.last_ts is not None:
+        span = (facts.last_ts - facts.first_ts).total_seconds()
+        durations.append((span, "time from the first to the last event"))
     stamps = sorted(e.ts for e in facts.top_events)
     durations += [
         ((b - a).total_seconds(), "time between top events")

@@ -162,6 +162,10 @@ class Facts:
     # over the full history and the aggregates that raised it most. Empty / None without one.
     account_probability: float | None = None
     account_signals: tuple[AccountSignal, ...] = ()
+    # The user's first and last event in the range: what the summary calls its span (the
+    # range itself is the analyst's choice and may reach far beyond the user's activity).
+    first_ts: datetime | None = None
+    last_ts: datetime | None = None
 
     @property
     def above_threshold(self) -> bool:
@@ -233,6 +237,8 @@ class Facts:
                 for p in data.get("peer_stats", [])
             ),
             vocabulary=tuple(str(v) for v in data.get("vocabulary", [])),
+            first_ts=_parse_dt(data.get("first_ts")),
+            last_ts=_parse_dt(data.get("last_ts")),
             account_probability=(
                 None
                 if data.get("account_probability") is None
@@ -437,6 +443,8 @@ def facts_text(facts: Facts) -> str:
         end = _when(facts.end) if facts.end else "the last event"
         lines.append(f"time range: {start} to {end} (UTC)")
     lines.append(f"events in range: {facts.n_events}")
+    if facts.first_ts is not None and facts.last_ts is not None:
+        lines.append(f"first and last event: {_when(facts.first_ts)} and {_when(facts.last_ts)}")
     side = "above" if facts.above_threshold else "below"
     score, threshold = _fmt_apart(facts.score, facts.threshold)
     lines.append(f"score: {score} ({side} the alert threshold {threshold})")
@@ -529,9 +537,13 @@ class TemplateNarrator:
         side = "above" if facts.above_threshold else "below"
         score, threshold = _fmt_apart(facts.score, facts.threshold)
         head = f"User {facts.user_id} scores {score}, {side} the alert threshold of {threshold}"
-        scope = f"{facts.n_events:,} events"
-        if facts.start is not None and facts.end is not None:
-            scope += f" from {facts.start:%Y-%m-%d} to {facts.end:%Y-%m-%d}"
+        scope = f"{facts.n_events:,} {'event' if facts.n_events == 1 else 'events'}"
+        first, last = facts.first_ts, facts.last_ts
+        if first is not None and last is not None:
+            if first.date() == last.date():
+                scope += f" on {first:%Y-%m-%d}"
+            else:
+                scope += f" from {first:%Y-%m-%d} to {last:%Y-%m-%d}"
         sentences = [f"{head} ({scope}, model {facts.model_id})."]
         if facts.percentile is not None:
             # The percentile ranks the unsupervised score alone, not the score shown above.

@@ -980,3 +980,22 @@ def test_log_key_event_types_with_digits_are_event_types_not_ids() -> None:
     for invented in ("E999", "E77"):  # not an event of the facts (E77 is only in the vocabulary)
         report = check_grounding(f"An {invented} event preceded the purchase.", facts)
         assert not report.grounded and any(invented in p for p in report.problems)
+
+
+def test_the_summary_spans_the_users_events_not_the_sidebar_range() -> None:
+    """The range (2024-03-01 to 03-20) is the analyst's choice; the summary says when this
+    user was active, and counts one event as one event."""
+    one_day = make_facts(
+        n_events=1,
+        first_ts=datetime(2024, 3, 5, 14, 20),
+        last_ts=datetime(2024, 3, 5, 14, 20),
+    )
+    text = TemplateNarrator().generate(one_day)
+    assert "(1 event on 2024-03-05," in text and "2024-03-20" not in text
+    assert check_grounding(text, one_day).grounded
+    span = make_facts(first_ts=datetime(2024, 3, 2, 9), last_ts=datetime(2024, 3, 19, 22))
+    text = TemplateNarrator().generate(span)
+    assert "(212 events from 2024-03-02 to 2024-03-19," in text
+    assert check_grounding(text, span).grounded
+    assert Facts.from_dict(json.loads(json.dumps(span.to_dict()))) == span
+    assert "first and last event: 2024-03-02 09:00" in build_prompt(span)[1]["content"]
