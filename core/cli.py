@@ -142,17 +142,20 @@ def ingest(
             except store.StoreError as exc:
                 failures += 1
                 reports.append({"source": str(path), "error": str(exc)})
-                if not as_json:
-                    typer.secho(f"{path}: {exc}", fg=typer.colors.RED, err=True)
+                if not as_json:  # store messages name the file already
+                    text = str(exc) if str(exc).startswith(path.name) else f"{path}: {exc}"
+                    typer.secho(text, fg=typer.colors.RED, err=True)
                 continue
             reports.append(report.to_dict())
+            if report.rows_read and not report.rows_accepted and report.duplicate_of is None:
+                failures += 1  # every row quarantined: the options are wrong, say so by rc
             if not as_json:
-                typer.echo(f"{path}: {report.message()}")
+                typer.echo(report.message())
     finally:
         con.close()
     if as_json:
         typer.echo(json.dumps(reports, indent=2, default=str))
-    # Quarantined rows are a normal outcome (reported above); fail only when nothing was done.
+    # Quarantined rows are a normal outcome (reported above); fail only when nothing loaded.
     if failures == len(paths):
         raise typer.Exit(1)
 

@@ -324,7 +324,8 @@ class IngestReport:
         if self.duplicate_of is not None:
             return (
                 f"{name}: already ingested as batch {self.duplicate_of} (same content, "
-                f"sha256 {self.checksum[:12]}); nothing changed."
+                f"sha256 {self.checksum[:12]}); nothing changed. A column mapping or other options "
+                "are not applied again: to load the file another way, use a fresh database."
             )
         text = (
             f"{name}: {self.rows_read:,} rows read, {self.rows_accepted:,} accepted, "
@@ -335,6 +336,15 @@ class IngestReport:
         text += f"; batch {self.batch_id}, {self.seconds:.2f} s."
         if self.ignored_columns:
             text += " Ignored columns: " + ", ".join(self.ignored_columns) + "."
+        if self.rows_read and not self.rows_accepted:
+            text += " Nothing was loaded."
+            if any("timestamp" in r for r in self.reasons):
+                text += (
+                    " Every row's timestamp failed: check which column is mapped to ts and "
+                    "its unit or format (CLI: --map ts=COLUMN, --ts-unit s, ms or a strptime "
+                    "format such as '%d/%m/%Y %H:%M')."
+                )
+            text += " The file can be ingested again with other options."
         return text
 
     def to_dict(self) -> dict[str, Any]:

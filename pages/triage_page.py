@@ -162,11 +162,16 @@ else:
 level = float(state.get("tri_watch_level") or alerts.NOVELTY_PERCENTILE)
 watch = watch.loc[watch["percentile"] >= level].reset_index(drop=True)
 with st.expander(f"Unusual but not alerted ({len(watch):,})"):
+    supervised = pd.concat([queue, watch])["supervised"].notna().any()
     st.caption(
         "Users the unsupervised model finds rarer than most training users, yet under the "
         "threshold: the supervised scores, which know only the fraud labelled so far, "
         "outweighed it. Fraud nobody has labelled yet looks like this (see "
         "benchmarks/results/bench_novelty.md). Select a row to investigate."
+        if supervised
+        else "Users rarer than most training users, yet under the threshold. This model has "
+        "no supervised head, so its score is that rarity itself: these are the users between "
+        "the level chosen here and the threshold. Select a row to investigate."
     )
     st.segmented_control(
         "Rarer than",

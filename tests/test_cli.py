@@ -231,3 +231,17 @@ def test_resume_of_an_unknown_model_is_refused(env: Path) -> None:
     result = invoke("train", "--resume", "no-such-model")
     assert result.exit_code == 2 and "no checkpoint" in result.output
     assert not (env / "models" / "no-such-model").exists()
+
+
+def test_a_file_whose_every_row_is_quarantined_fails_with_a_hint(env: Path) -> None:
+    """HDFS-style 'yymmdd HHMMSS' times read without their format: no timestamp parses. The
+    command says what to check and exits non-zero; the same file then loads with the format."""
+    log = env / "hdfs.csv"
+    log.write_text("Time,Block,EventId\n081109 203518,blk_1,E5\n081109 203519,blk_1,E22\n")
+    args = ("--map", "user_id=Block", "--map", "event_type=EventId")
+    result = invoke("ingest", str(log), "--map", "ts=Time", *args)
+    assert result.exit_code == 1
+    assert result.output.startswith("hdfs.csv: 2 rows read, 0 accepted, 2 quarantined")
+    assert "Nothing was loaded" in result.output and "--ts-unit" in result.output
+    result = invoke("ingest", str(log), "--map", "ts=Time", "--ts-unit", "%y%m%d %H%M%S", *args)
+    assert result.exit_code == 0 and "2 accepted" in result.output
