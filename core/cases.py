@@ -171,6 +171,96 @@ def add_label(
         record_audit(con, who, "label", f"user:{user}", {"label": label, "note": note or ""})
 
 
+# How label files from elsewhere (chargeback lists, "is_fraud" columns) write the three labels.
+_LABEL_SPELLINGS: dict[str, str] = {
+    **{w: "fraud" for w in ("fraud", "fraudulent", "1", "true", "yes", "y", "bad", "chargeback")},
+    **{w: "legit" for w in ("legit", "legitimate", "genuine", "0", "false", "no", "n", "good")},
+    **{w: "unsure" for w in ("unsure", "unknown", "maybe", "?")},
+}
+
+
+@dataclass(frozen=True)
+class LabelImport:
+    """What a label file did: labels written, and each rejected row with its reason."""
+
+    added: int
+    rejected: pd.DataFrame  # row (1-based, header excluded), user_id, label, reason
+
+
+def import_labels(
+    con: duckdb.DuckDBPyConnection,
+    frame: pd.DataFrame,
+    analyst: str,
+    *,
+    source: str,
+    user_column: str = "user_id",
+    label_column: str = "label",
+    note_column: str | None = "note",
+) -> LabelImport:
+    """Labels from a file (known fraud, chargebacks, cleared accounts) in one transaction and
+    one audit row. Labels read fraud / legit / unsure, or 1/0, true/false, yes/no. Rows with
+    an unknown user, an empty user or an unreadable label are rejected with their reason and
+    written nowhere; the rest are written (a later label supersedes an earlier one)."""
+    for column in (user_column, label_column):
+        if column not in frame.columns:
+            raise CaseError(
+                f"{source}: no column {column!r}; found {', '.join(map(str, frame.columns))}"
+            )
+    who = _analyst(analyst)
+    rows = pd.DataFrame(
+        {
+            "row": np.arange(1, len(frame) + 1),
+            "user_id": frame[user_column].astype("string").str.strip().fillna(""),
+            "given": frame[label_column].astype("string").str.strip().fillna(""),
+            "note": (
+                frame[note_column].astype("string").fillna("")
+                if note_column and note_column in frame.columns
+                else ""
+            ),
+        }
+    )
+    rows["label"] = rows["given"].str.lower().map(_LABEL_SPELLINGS)
+    with transaction(con):
+        known = {
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT user_id FROM events WHERE user_id IN"
+                " (SELECT unnest(?::VARCHAR[]))",
+                [rows["user_id"].tolist()],
+            ).fetchall()
+        }
+        reason = np.select(
+            [rows["user_id"] == "", rows["label"].isna(), ~rows["user_id"].isin(known)],
+            [
+                "empty user_id",
+                "label not fraud / legit / unsure (nor 1/0, true/false, yes/no)",
+                "no such user in the events",
+            ],
+            default="",
+        )
+        good = rows.loc[reason == ""]
+        if len(good):
+            now = _now()
+            con.execute(
+                "INSERT INTO labels (user_id, label, analyst, created_at, note) SELECT"
+                " unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), ?, ?, unnest(?::VARCHAR[])",
+                [good["user_id"].tolist(), good["label"].tolist(), who, now, good["note"].tolist()],
+            )
+        rejected = rows.loc[reason != "", ["row", "user_id", "given"]].rename(
+            columns={"given": "label"}
+        )
+        rejected["reason"] = reason[reason != ""]
+        counts = good["label"].value_counts().to_dict() if len(good) else {}
+        record_audit(
+            con,
+            who,
+            "label_import",
+            f"file:{source}",
+            {"rows": len(rows), "added": len(good), "rejected": len(rejected), "labels": counts},
+        )
+    return LabelImport(added=len(good), rejected=rejected.reset_index(drop=True))
+
+
 def latest_labels(
     con: duckdb.DuckDBPyConnection, users: Sequence[str] | None = None
 ) -> pd.DataFrame:
@@ -612,7 +702,7 @@ def case_export_frame(
         )
     frame["unsupervised_weight"] = weight
     reasons = top_reasons(con, model_id, users) if model_id else pd.Series(dtype=str)
-    frame["top_reasons"] = frame["user_id"].map(reasons).fillna("")
+    frame["top_reasons"] = frame["user_id"].map(reasons).astype(object).fillna("")
     # The newest kept explanation per user, whole (arg_max per column would skip NULLs and
     # mix rows).
     explained = con.execute(

@@ -396,6 +396,118 @@ def export_scores(
     typer.echo(f"wrote {n:,} users to {out}")
 
 
+AnalystOption = Annotated[
+    str | None,
+    typer.Option(help="Who does this, for the audit trail (default: your login name)."),
+]
+
+
+def _analyst(analyst: str | None) -> str:
+    import getpass
+
+    return (analyst or "").strip() or getpass.getuser()
+
+
+@app.command()
+def label(
+    path: Annotated[Path, typer.Argument(help="CSV of labels: a user column and a label column.")],
+    user_column: Annotated[str, typer.Option(help="Column holding the user id.")] = "user_id",
+    label_column: Annotated[
+        str, typer.Option(help="Column holding fraud / legit / unsure (or 1/0, yes/no).")
+    ] = "label",
+    note_column: Annotated[str, typer.Option(help="Column with a note, if any.")] = "note",
+    analyst: AnalystOption = None,
+    db: DbOption = None,
+) -> None:
+    """Import analyst labels (known fraud, chargebacks, cleared accounts) from a CSV: the
+    supervised head and the account-level model learn from them at the next `train`."""
+    import pandas as pd
+
+    from core import cases
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise _fail(f"cannot read {path}: {exc}", 2) from None
+    try:
+        with store.open_db(_db(db)) as con:
+            result = cases.import_labels(
+                con,
+                frame,
+                _analyst(analyst),
+                source=path.name,
+                user_column=user_column,
+                label_column=label_column,
+                note_column=note_column,
+            )
+    except (cases.CaseError, store.StoreError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{path.name}: {result.added:,} labels added, {len(result.rejected):,} rejected")
+    if len(result.rejected):
+        shown = result.rejected.head(20).to_string(index=False)
+        typer.echo(shown + ("\n..." if len(result.rejected) > 20 else ""))
+    if not result.added:
+        raise typer.Exit(1)
+
+
+@app.command("export-cases")
+def export_cases(
+    out: Annotated[Path, typer.Argument(help="CSV file to write.")],
+    case: Annotated[
+        list[int] | None, typer.Option(help="Case id (repeat it; default: every case).")
+    ] = None,
+    evidence: Annotated[
+        bool,
+        typer.Option("--evidence", help="Write one case's events with per-event scores instead."),
+    ] = False,
+    model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Alert threshold (default: the saved one, else 0.9)."),
+    ] = None,
+    analyst: AnalystOption = None,
+    db: DbOption = None,
+) -> None:
+    """The case CSV the Cases page exports (one row per case and user, formula cells
+    neutralised, written atomically, audited), or with --evidence one case's events."""
+    from core import alerts, cases
+
+    try:
+        with store.open_db(_db(db)) as con:
+            row = con.execute(
+                "SELECT model_id FROM models WHERE ? IS NULL OR model_id = ?"
+                " ORDER BY created_at DESC LIMIT 1",
+                [model, model],
+            ).fetchone()
+            if model is not None and row is None:
+                raise _fail(f"no model {model}")
+            model_id = str(row[0]) if row else None
+            ids = case or [int(r[0]) for r in con.execute(
+                "SELECT case_id FROM cases ORDER BY case_id").fetchall()]  # fmt: skip
+            if not ids:
+                raise _fail("no cases yet: open one on Investigate", 1)
+            who = _analyst(analyst)
+            if evidence:
+                if len(ids) != 1:
+                    raise _fail("--evidence writes one case: give exactly one --case", 2)
+                n = cases.export_evidence(con, ids[0], out, model_id=model_id, analyst=who)
+            else:
+                if threshold is None and model_id is not None:
+                    saved = alerts.saved_setting(con, model_id)
+                    threshold = saved.threshold if saved else alerts.DEFAULT_THRESHOLD
+                n = cases.export_cases(
+                    con,
+                    ids,
+                    out,
+                    model_id=model_id,
+                    threshold=alerts.DEFAULT_THRESHOLD if threshold is None else threshold,
+                    analyst=who,
+                )
+    except (cases.CaseError, store.StoreError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"wrote {n:,} rows of {len(ids):,} case(s) to {out}")
+
+
 @app.command()
 def watchlist(
     out: Annotated[

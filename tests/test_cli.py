@@ -245,3 +245,56 @@ def test_a_file_whose_every_row_is_quarantined_fails_with_a_hint(env: Path) -> N
     assert "Nothing was loaded" in result.output and "--ts-unit" in result.output
     result = invoke("ingest", str(log), "--map", "ts=Time", "--ts-unit", "%y%m%d %H%M%S", *args)
     assert result.exit_code == 0 and "2 accepted" in result.output
+
+
+def test_labels_from_a_file_then_cases_exported_from_the_cli(env: Path) -> None:
+    """A chargeback list becomes labels (one transaction, one audit row, bad rows named);
+    export-cases writes the Cases page's CSV, neutralised and audited."""
+    result = invoke("demo", "--users", "30", "--days", "3", "--seed", "2")
+    assert result.exit_code == 0, result.output
+    with store.open_db(env / "cli.duckdb", read_only=True) as con:
+        users = [r[0] for r in con.execute(
+            "SELECT DISTINCT user_id FROM events ORDER BY 1 LIMIT 3").fetchall()]  # fmt: skip
+    chargebacks = env / "chargebacks.csv"
+    chargebacks.write_text(
+        "customer,is_fraud,comment\n"
+        f"{users[0]},1,chargeback 2026-10\n"
+        f"{users[1]},no,cleared by phone\n"
+        "ghost,1,not in the logs\n"
+        f"{users[2]},perhaps,\n"
+    )
+    result = invoke("label", str(chargebacks), "--user-column", "customer",
+                    "--label-column", "is_fraud", "--note-column", "comment",
+                    "--analyst", "ana")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "2 labels added, 2 rejected" in result.output
+    assert "no such user in the events" in result.output and "perhaps" in result.output
+    from core import cases
+
+    with store.open_db(env / "cli.duckdb") as con:
+        labels = cases.latest_labels(con).set_index("user_id")
+        assert labels.loc[users[0], "label"] == "fraud" and labels.loc[users[1], "label"] == "legit"
+        assert labels.loc[users[0], "note"] == "chargeback 2026-10"
+        audit = con.execute("SELECT action, analyst FROM audit_log").fetchall()
+        assert audit == [("label_import", "ana")]
+        case_id = cases.open_case(con, "ana", [users[0]], title="=cmd|' /C calc'!A0")
+
+    out = env / "cases.csv"
+    result = invoke("export-cases", str(out), "--analyst", "ana")
+    assert result.exit_code == 0, result.output
+    with out.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["case_id"], r["user_id"], r["label"]) for r in rows] == [
+        (str(case_id), users[0], "fraud")
+    ]
+    assert rows[0]["title"].startswith("'=")  # a formula no longer
+    result = invoke("export-cases", str(env / "ev.csv"), "--case", str(case_id), "--evidence")
+    assert result.exit_code == 0, result.output
+    with store.open_db(env / "cli.duckdb", read_only=True) as con:
+        actions = [
+            r[0]
+            for r in con.execute('SELECT action FROM audit_log ORDER BY "at", rowid').fetchall()
+        ]
+    assert actions[-2:] == ["export_cases", "export_evidence"]
+    result = invoke("export-cases", str(env / "x.csv"), "--case", "99")
+    assert result.exit_code == 1 and "99" in result.output
