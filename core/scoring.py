@@ -66,6 +66,8 @@ DEFAULT_UNSUPERVISED_WEIGHT = 1.0 / 3.0
 # user) or a saturated sigmoid would otherwise be infinite evidence.
 _LOGIT_EPS = 1e-5
 EVIDENCE_CAP = 256
+# Events per scoring chunk: ~100 MB of model inputs and outputs on top of the model.
+CHUNK_EVENTS = 250_000
 _TIE_TOLERANCE = 1e-6
 REFERENCE_FILE = "score_reference.json"
 
@@ -367,19 +369,30 @@ def _user_chunks(
     start: datetime | None,
     end: datetime | None,
     chunk_users: int,
+    chunk_events: int = CHUNK_EVENTS,
 ) -> Iterator[list[str]]:
-    if users is None:
-        users = [
-            r[0]
-            for r in con.execute(
-                "SELECT DISTINCT user_id FROM events WHERE (? IS NULL OR ts >= ?) "
-                "AND (? IS NULL OR ts < ?) ORDER BY user_id",
-                [start, start, end, end],
-            ).fetchall()
-        ]
-    users = list(users)
-    for lo in range(0, len(users), chunk_users):
-        yield users[lo : lo + chunk_users]
+    """Consecutive users, at most ``chunk_users`` of them and, unless one user alone has more,
+    at most ``chunk_events`` events: memory follows events, and a few heavy accounts (bots,
+    whales with 50,000 events) in one user-count chunk would hold far more than the rest."""
+    counts = con.execute(
+        "SELECT user_id, count(*) FROM events WHERE (? IS NULL OR ts >= ?) AND (? IS NULL OR"
+        " ts < ?) AND (?::VARCHAR[] IS NULL OR user_id IN (SELECT unnest(?::VARCHAR[])))"
+        " GROUP BY user_id",
+        [start, start, end, end, *([None, None] if users is None else [list(users)] * 2)],
+    ).fetchall()
+    n_of = {str(u): int(n) for u, n in counts}
+    order = sorted(n_of) if users is None else [str(u) for u in users]
+    chunk: list[str] = []
+    events = 0
+    for user in order:
+        n = n_of.get(user, 0)
+        if chunk and (len(chunk) >= chunk_users or events + n > chunk_events):
+            yield chunk
+            chunk, events = [], 0
+        chunk.append(user)
+        events += n
+    if chunk:
+        yield chunk
 
 
 def score_users(

@@ -659,3 +659,17 @@ def test_a_model_whose_stored_path_is_stale_is_found_in_the_models_folder(
     assert resolve_model_path(env.model_id, "data/models/x") == Path("data/models/x")
     with pytest.raises(FileNotFoundError, match="data/models/x"):
         load_model(resolve_model_path(env.model_id, "data/models/x"))
+
+
+def test_scoring_chunks_follow_events_not_only_users(demo_env) -> None:
+    """A chunk holds at most chunk_events events unless one user alone has more: memory
+    follows events, so a few heavy accounts cannot make one chunk hold most of the log."""
+    from core.scoring import _user_chunks
+
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        n_of = dict(con.execute("SELECT user_id, count(*) FROM events GROUP BY 1").fetchall())
+        chunks = list(_user_chunks(con, None, None, None, chunk_users=1000, chunk_events=3000))
+    assert sorted(u for c in chunks for u in c) == sorted(n_of)
+    sizes = [sum(n_of[u] for u in c) for c in chunks]
+    assert all(s <= 3000 or len(c) == 1 for s, c in zip(sizes, chunks, strict=True))
+    assert len(chunks) >= sum(n_of.values()) // 3000
