@@ -51,14 +51,26 @@ def triage_data(
     weight: float | None,
     filters: tuple[tuple[str, ...], tuple[str, ...], int],
     version: int,
-) -> tuple[alerts.RangeKpis, pd.DataFrame, np.ndarray, pd.DataFrame, pd.DataFrame]:
+) -> tuple[alerts.RangeKpis, pd.DataFrame, int, np.ndarray, pd.DataFrame, pd.DataFrame, str | None]:
+    """KPIs, the queue's first rows, how many alerts pass the filters, every active user's
+    score, alerts per day, the watchlist, and a problem to show (on-demand scoring failed).
+    A plain tuple: st.cache_data pickles it, and a class defined in a page script would not
+    unpickle across reruns."""
+
     def load() -> LoadedModel:
         return loaded_model(model_path)
 
     queue_filters = alerts.queue_filters(*filters)
+    problem = None
     with store.open_db(db_path) as con:
         # One scan of the range for every question below (scoring unscored users once).
-        everyone = alerts.active_scores(con, model_id, start, end, weight=weight, load=load)
+        try:
+            everyone = alerts.active_scores(con, model_id, start, end, weight=weight, load=load)
+        except store.StoreError:
+            raise
+        except Exception as exc:  # a model that does not load or score: stored scores only
+            problem = f"Could not score the new users now ({exc}); showing stored scores only."
+            everyone = alerts.active_scores(con, model_id, start, end, weight=weight)
         kpis = alerts.range_kpis(con, model_id, start, end, threshold, users=everyone)
         users = (
             everyone
@@ -80,7 +92,8 @@ def triage_data(
             users=users,
         )
         scores = everyone["score"]
-    return kpis, queue, scores.to_numpy(dtype=float), per_day, watch
+        n_queue = int((users["score"] >= threshold).sum())
+    return kpis, queue, n_queue, scores.to_numpy(dtype=float), per_day, watch, problem
 
 
 def user_table(users: pd.DataFrame, key: str) -> None:
@@ -125,7 +138,7 @@ with st.expander("Filters", expanded=False):
     min_events = f3.number_input("Minimum events", min_value=1, value=1, step=1, key="tri_min")
 
 try:
-    kpis, queue, scores, per_day, watch = triage_data(
+    kpis, queue, n_queue, scores, per_day, watch, problem = triage_data(
         ctx.db_path,
         ctx.model_id,
         ctx.model_path,
@@ -140,6 +153,8 @@ except (store.StoreError, FileNotFoundError, OSError) as exc:
     st.error(f"Could not load the alerts: {exc}")
     st.stop()
 
+if problem:
+    st.warning(problem)
 k1, k2, k3, k4 = st.columns(4)
 k1.metric("Events", f"{kpis.n_events:,}")
 k2.metric("Active users", f"{kpis.n_active_users:,}")
@@ -149,7 +164,8 @@ k4.metric("Labelled alerts", "—" if share is None else f"{share:.0%}")
 if kpis.n_scored < kpis.n_active_users:
     st.warning(f"{kpis.n_active_users - kpis.n_scored:,} active users have no score yet.")
 
-st.subheader(f"Alert queue ({len(queue):,})")
+shown = f"{len(queue):,}" if len(queue) == n_queue else f"first {len(queue):,} of {n_queue:,}"
+st.subheader(f"Alert queue ({shown})")
 if queue.empty:
     st.info(
         "No alerts in this range at this threshold (and filters). Lower the threshold in the "

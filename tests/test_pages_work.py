@@ -249,3 +249,20 @@ def test_a_database_locked_by_another_process_gets_a_message_not_a_stack_trace(
     assert not at.exception, at.exception
     assert not at.error
     assert at.title[0].value.endswith("Triage") and at.metric
+
+
+def test_triage_falls_back_to_stored_scores_when_the_model_does_not_load(
+    demo_db_copy,
+) -> None:
+    import pandas as pd
+
+    one = pd.DataFrame(
+        {"ts": [datetime(2026, 10, 10, 12)], "user_id": ["solo"], "event_type": ["login"]}
+    )
+    with store.open_db(demo_db_copy.db_path) as con:
+        store.ingest_dataframe(con, one, source="one-event")
+        con.execute("UPDATE models SET path = ?", [str(demo_db_copy.db_path.parent / "gone")])
+    at = _app(demo_db_copy.db_path)
+    assert any("Could not score the new users now" in w.value for w in at.warning)
+    assert any("have no score yet" in w.value for w in at.warning)
+    assert _metric(at, "Alerts") != "" and at.get("plotly_chart")
