@@ -50,7 +50,8 @@ def user_scores_frame(con: duckdb.DuckDBPyConnection, model_id: str | None = Non
             raise ValueError("no trained model; run `fraudlens train` first")
         model_id = str(row[0])
     frame = con.execute(
-        "SELECT user_id, model_id, score_unsupervised, score_supervised, score_aggregate, score, "
+        "SELECT user_id, model_id, score_unsupervised, percentile_unsupervised, score_supervised,"
+        " score_aggregate, score, "
         "rank() OVER (ORDER BY score DESC) AS rank, n_events "
         "FROM sequence_scores WHERE model_id = ? AND window_start IS NULL AND window_end IS NULL "
         "ORDER BY rank, user_id",

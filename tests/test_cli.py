@@ -24,6 +24,7 @@ EXPORT_COLUMNS = [
     "user_id",
     "model_id",
     "score_unsupervised",
+    "percentile_unsupervised",
     "score_supervised",
     "score_aggregate",
     "score",
