@@ -33,7 +33,16 @@ def build_demo(
             f":fraud_rate={config.fraud_rate}"
         )
         report = store.ingest_dataframe(con, world.events, source=source)
-        store.write_truth(con, world.truth_users, world.truth_events)
+        try:
+            store.write_truth(con, world.truth_users, world.truth_events)
+        except BaseException:
+            # Events without their ground truth would block a rebuild ("already holds
+            # events"): take the batch back out, so a failed build leaves an empty store.
+            con.execute("BEGIN TRANSACTION")
+            for table in ("events", "quarantine", "events_runs", "ingest_batches"):
+                con.execute(f"DELETE FROM {table} WHERE batch_id = ?", [report.batch_id])  # noqa: S608
+            con.execute("COMMIT")
+            raise
         return report
     finally:
         con.close()

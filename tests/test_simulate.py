@@ -329,3 +329,26 @@ def test_generation_time_for_about_a_million_events() -> None:
     dt = time.perf_counter() - t0
     print(f"\nsimulate_world: {len(w.events):,} events for 9,800 users in {dt:.2f} s")
     assert len(w.events) > 500_000
+
+
+def test_a_demo_build_that_fails_at_the_truth_leaves_an_empty_store(tmp_path, monkeypatch) -> None:
+    """Events without their ground truth would make the next `fraudlens demo` refuse ("already
+    holds events"): a failure after the events are in takes them back out."""
+    from core import store
+    from core.demo import build_demo
+
+    db = tmp_path / "demo.duckdb"
+    config = WorldConfig(n_users=20, days=3, fraud_rate=0.2, seed=4)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(store, "write_truth", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_demo(db, config)
+    with store.open_db(db, read_only=True) as con:
+        assert store.dataset_summary(con).n_events == 0
+        assert con.execute("SELECT count(*) FROM ingest_batches").fetchone() == (0,)
+    monkeypatch.undo()
+    report = build_demo(db, config)
+    assert report.rows_accepted > 0
