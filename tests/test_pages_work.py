@@ -266,3 +266,30 @@ def test_triage_falls_back_to_stored_scores_when_the_model_does_not_load(
     assert any("Could not score the new users now" in w.value for w in at.warning)
     assert any("have no score yet" in w.value for w in at.warning)
     assert _metric(at, "Alerts") != "" and at.get("plotly_chart")
+
+
+def test_pages_without_a_model_say_how_to_train_one(tmp_path) -> None:
+    """Events ingested, nothing trained: the model pages explain the next step, no error."""
+    import pandas as pd
+
+    db = tmp_path / "untrained.duckdb"
+    events = pd.DataFrame(
+        {
+            "ts": [datetime(2026, 10, 1, 9) + timedelta(minutes=m) for m in range(6)],
+            "user_id": ["a", "a", "b", "b", "c", "c"],
+            "event_type": ["login", "view", "login", "view", "login", "purchase"],
+        }
+    )
+    with store.open_db(db) as con:
+        store.ingest_dataframe(con, events, source="six")
+    for page in (None, "pages/thresholds_page.py"):
+        at = _app(db, page)
+        assert any("No trained model yet" in i.value and "fraudlens train" in i.value
+                   for i in at.info), page  # fmt: skip
+        assert not at.error
+    # Investigate still shows the user's events and sessions; only the model's parts say why
+    # they are missing.
+    at = _app(db, "pages/investigate_page.py", user="a")
+    assert any("Attributions need a model" in i.value for i in at.info)
+    assert [s.value for s in at.subheader][:2] == ["Score timeline", "Sessions (1)"]
+    assert not at.error
