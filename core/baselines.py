@@ -469,17 +469,22 @@ class PyODScorer:
 
 class IForestScorer(PyODScorer):
     def __init__(
-        self, n_estimators: int = 300, contamination: float = 0.01, random_state: int = 0
+        self,
+        n_estimators: int = 300,
+        contamination: float = 0.01,
+        random_state: int = 0,
+        max_samples: int = 256,
     ) -> None:
         super().__init__("iforest", contamination, random_state)
         self.n_estimators = n_estimators
+        self.max_samples = max_samples
 
     def _make_detector(self, n_train: int) -> Any:
         from pyod.models.iforest import IForest
 
         return IForest(
             n_estimators=self.n_estimators,
-            max_samples=min(256, n_train),
+            max_samples=min(self.max_samples, n_train),
             contamination=self.contamination,
             random_state=self.random_state,
             n_jobs=1,

@@ -372,10 +372,12 @@ class EvaluationReport:
     split_sizes: dict[str, int]
     seconds: dict[str, float]
     cv: dict[str, dict[str, float]] = field(default_factory=dict)
+    tuning: dict[str, dict[str, float]] = field(default_factory=dict)  # baseline -> chosen
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": asdict(self.config),
+            "baseline_tuning": self.tuning,
             "split_sizes": self.split_sizes,
             "seconds": self.seconds,
             "results": {k: [m.to_dict() for m in v] for k, v in self.results.items()},
@@ -384,6 +386,12 @@ class EvaluationReport:
 
     def markdown(self) -> str:
         lines: list[str] = []
+        if self.tuning:
+            chosen = "; ".join(
+                f"{name}: " + ", ".join(f"{k} {v}" for k, v in params.items())
+                for name, params in self.tuning.items()
+            )
+            lines += [f"Baselines tuned on the validation users ({chosen}).", ""]
         for name, rows in self.results.items():
             lines += [f"## {name}", "", metrics_table_markdown(rows), ""]
         if self.cv:
@@ -409,6 +417,7 @@ class _FittedScorers:
 def _fit_all(
     con: duckdb.DuckDBPyConnection,
     train_users: np.ndarray,
+    tune_users: np.ndarray | None,
     cfg: EvaluationConfig,
     work_dir: Any,
     progress: bool,
@@ -455,12 +464,66 @@ def _fit_all(
         LOFScorer(random_state=cfg.seed),
         DeepLogScorer(random_state=cfg.seed, max_epochs=cfg.deeplog_epochs, progress=progress),
     ]
+
+    def iforest(value: int) -> IForestScorer:
+        return IForestScorer(random_state=cfg.seed, max_samples=value)
+
+    def lof(value: int) -> LOFScorer:
+        return LOFScorer(random_state=cfg.seed, n_neighbors=value)
+
+    tune = (con, featurizer, train_users, tune_users)
+    baselines[0] = _tuned(*tune, "max_samples", IFOREST_GRID, iforest)
+    baselines[2] = _tuned(*tune, "n_neighbors", LOF_GRID, lof)
     for scorer in baselines:
         scorer.fit(train_data)  # unsupervised, like the transformer's pretraining: no labels
     lgbm = LightGBMScorer(random_state=cfg.seed).fit(train_data, y_train)
     baselines.append(lgbm)
     seconds["fit_baselines"] = time.perf_counter() - started
     return _FittedScorers(trained.path, featurizer, baselines)
+
+
+# Hyper-parameters of the outlier baselines, chosen per evaluation on validation users (by
+# AUPRC): the baselines get the same chance to fit the data as the model they are compared to.
+LOF_GRID = (10, 20, 35, 60, 100)
+IFOREST_GRID = (64, 256, 1024)
+
+
+def _tuned(
+    con: duckdb.DuckDBPyConnection,
+    featurizer: Any,
+    train_users: np.ndarray,
+    tune_users: np.ndarray | None,
+    param: str,
+    grid: tuple[int, ...],
+    make: Any,
+    cfg_seed_for_tuning: int = 7919,
+) -> Any:
+    """The grid value with the best validation AUPRC, as an unfitted scorer. Candidates are fit
+    on the training users and scored on ``tune_users``; without them (a cross-validation fold)
+    a quarter of the training users is held out for this. Labels are read for the validation
+    users only."""
+    from sklearn.metrics import average_precision_score
+
+    from core.baselines import load_user_data
+
+    fit_users = np.asarray(train_users, dtype=object)
+    if tune_users is None:
+        held = _unit_hash(fit_users, seed=cfg_seed_for_tuning) < 0.25
+        fit_users, tune_users = fit_users[~held], fit_users[held]
+    y_tune, _ = load_truth(con, tune_users)
+    if y_tune.sum() == 0 or y_tune.sum() == len(y_tune):
+        return make(grid[len(grid) // 2])  # nothing to choose by: the middle value
+    fit_data = load_user_data(con, list(fit_users), featurizer, with_events=False)
+    tune_data = load_user_data(con, list(tune_users), featurizer, with_events=False)
+    best, best_ap = grid[0], -1.0
+    for value in grid:
+        scores = make(value).fit(fit_data).decision_function(tune_data)
+        ap = float(average_precision_score(y_tune, scores))
+        if ap > best_ap:
+            best, best_ap = value, ap
+    chosen = make(best)
+    chosen.tuned_ = {param: best, "validation_auprc": round(best_ap, 4)}
+    return chosen
 
 
 def _score_all(
@@ -542,7 +605,7 @@ def run_evaluation(
     )
     splits = split_users(users, seed=cfg.seed)
     seconds: dict[str, float] = {}
-    fitted = _fit_all(con, splits["train"], cfg, work_dir, progress, seconds)
+    fitted = _fit_all(con, splits["train"], splits["val"], cfg, work_dir, progress, seconds)
 
     started = time.perf_counter()
     val_scores = _score_all(con, fitted, splits["val"])
@@ -592,7 +655,7 @@ def run_evaluation(
         started = time.perf_counter()
         per_scorer: dict[str, list[ScorerMetrics]] = {}
         for fold, (train_users, test_users) in enumerate(kfold_users(users, cfg.cv, seed=cfg.seed)):
-            fold_fit = _fit_all(con, train_users, cfg, work_dir / f"fold{fold}", progress, {})
+            fold_fit = _fit_all(con, train_users, None, cfg, work_dir / f"fold{fold}", progress, {})
             fold_scores = _score_all(con, fold_fit, test_users)
             y_f, typ_f = load_truth(con, test_users)
             for m in _metrics_for(fold_scores, y_f, typ_f, None, cfg.budget_share):
@@ -612,6 +675,7 @@ def run_evaluation(
         split_sizes={k: len(v) for k, v in splits.items()},
         seconds={k: round(v, 1) for k, v in seconds.items()},
         cv=cv_summary,
+        tuning={s.name: s.tuned_ for s in fitted.baselines if hasattr(s, "tuned_")},
     )
 
 

@@ -209,3 +209,44 @@ def test_load_truth_falls_back_to_latest_analyst_label() -> None:
     assert typology.tolist() == ["", "labelled", ""]
     with pytest.raises(LookupError):
         load_truth(duckdb.connect(), ["a"])
+
+
+def test_outlier_baselines_are_tuned_on_validation_users_only(demo_env) -> None:
+    """The chosen n_neighbors is the grid value with the best validation AUPRC, recomputed
+    here by brute force; without validation users (a CV fold) a quarter of the training users
+    stands in, and the test users are never read."""
+    from sklearn.metrics import average_precision_score
+
+    from core import store
+    from core.baselines import AggregateFeaturizer, LOFScorer, load_user_data
+    from core.evaluate import LOF_GRID, _tuned, split_users
+
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        users = np.array(
+            [
+                r[0]
+                for r in con.execute("SELECT DISTINCT user_id FROM events ORDER BY 1").fetchall()
+            ],
+            dtype=object,
+        )
+        splits = split_users(users, seed=0)
+        featurizer = AggregateFeaturizer().fit(con, list(splits["train"]))
+
+        def lof(value: int) -> LOFScorer:
+            return LOFScorer(n_neighbors=value)
+
+        chosen = _tuned(
+            con, featurizer, splits["train"], splits["val"], "n_neighbors", LOF_GRID, lof
+        )
+        fit = load_user_data(con, list(splits["train"]), featurizer, with_events=False)
+        val = load_user_data(con, list(splits["val"]), featurizer, with_events=False)
+        y_val, _ = load_truth(con, splits["val"])
+        aps = {
+            k: average_precision_score(y_val, lof(k).fit(fit).decision_function(val))
+            for k in LOF_GRID
+        }
+        fold = _tuned(con, featurizer, splits["train"], None, "n_neighbors", LOF_GRID, lof)
+    best = max(LOF_GRID, key=lambda k: (aps[k], -LOF_GRID.index(k)))
+    assert chosen.n_neighbors == best == chosen.tuned_["n_neighbors"]
+    assert chosen.tuned_["validation_auprc"] == pytest.approx(aps[best], abs=1e-4)
+    assert fold.n_neighbors in LOF_GRID and getattr(chosen, "detector_", None) is None
