@@ -118,7 +118,13 @@ def user_table(users: pd.DataFrame, key: str) -> None:
             "percentile": st.column_config.NumberColumn("percentile", format="%.1f"),
             "supervised": st.column_config.NumberColumn("supervised", format="%.3f"),
             "last_seen": st.column_config.DatetimeColumn("last seen", format="YYYY-MM-DD HH:mm"),
-            "main_reason": st.column_config.TextColumn("main reason", width="large"),
+            "main_reason": st.column_config.TextColumn(
+                "main reason",
+                width="large",
+                help=f"Event types among the user's {cases.REASON_EVENTS} most surprising "
+                "events in the range: 'login ×3 at …' = 3 of them are logins, the most "
+                "surprising of those at …",
+            ),
         },
     )
 
