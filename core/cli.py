@@ -374,13 +374,26 @@ def score(
     )  # type: ignore[attr-defined]
 
 
+AnalystOption = Annotated[
+    str | None,
+    typer.Option(help="Who does this, for the audit trail (default: your login name)."),
+]
+
+
+def _analyst(analyst: str | None) -> str:
+    import getpass
+
+    return (analyst or "").strip() or getpass.getuser()
+
+
 @app.command("export-scores")
 def export_scores(
     out: Annotated[Path, typer.Argument(help="CSV file to write.")],
     model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    analyst: AnalystOption = None,
     db: DbOption = None,
 ) -> None:
-    """Write the stored per-user scores of a model to CSV, ranked by score."""
+    """Write the stored per-user scores of a model to CSV, ranked by score (audited)."""
     from core.export import export_user_scores
 
     try:
@@ -393,19 +406,22 @@ def export_scores(
         raise _fail(str(exc)) from None
     finally:
         con.close()
+    _audit_export(db, analyst, "export_scores", out, {"rows": n, "model": model or "newest"})
     typer.echo(f"wrote {n:,} users to {out}")
 
 
-AnalystOption = Annotated[
-    str | None,
-    typer.Option(help="Who does this, for the audit trail (default: your login name)."),
-]
+def _audit_export(
+    db: Path | None, analyst: str | None, action: str, out: Path, detail: dict[str, Any]
+) -> None:
+    """Scores leave the database in this file: who wrote it, when and where goes to the audit
+    log, as the dashboard's case exports do."""
+    from core import cases
 
-
-def _analyst(analyst: str | None) -> str:
-    import getpass
-
-    return (analyst or "").strip() or getpass.getuser()
+    try:
+        with store.open_db(_db(db)) as con:
+            cases.record_audit(con, _analyst(analyst), action, f"file:{out}", detail)
+    except store.StoreError as exc:
+        raise _fail(f"wrote {out}, but could not record it in the audit log: {exc}") from None
 
 
 @app.command()
@@ -559,6 +575,7 @@ def watchlist(
     )
     if out is not None:
         write_csv(listed, out)
+        _audit_export(db, None, "export_watchlist", out, {"rows": len(listed), "level": level})
         typer.echo(f"wrote {summary} to {out}")
         return
     typer.echo(summary)

@@ -94,8 +94,11 @@ def test_the_whole_flow_on_a_tiny_world(env: Path) -> None:
     assert f"scored 52 users, {n_demo_events + 4:,} events with model {model_id}" in result.output
 
     out = env / "export" / "scores.csv"
-    result = invoke("export-scores", str(out))
+    result = invoke("export-scores", str(out), "--analyst", "ana")
     assert result.exit_code == 0, result.output
+    with store.open_db(db_path, read_only=True) as con:
+        audit = con.execute("SELECT analyst, action, target FROM audit_log").fetchall()
+    assert audit == [("ana", "export_scores", f"file:{out}")]  # scores left the database
     with out.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == EXPORT_COLUMNS
