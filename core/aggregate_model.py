@@ -219,12 +219,20 @@ class AggregateModel:
     def top_contributions(self, features: pd.DataFrame, k: int = 5) -> pd.DataFrame:
         """One user's ``k`` aggregates that raised the fraud log-odds most: feature, label
         (readable), event_type (for per-type counts and shares, else None), value, median
-        (training users; NaN when unknown), contribution (log-odds). Positive ones only."""
+        (training users; NaN when unknown), contribution (log-odds). Positive ones only, and
+        none whose value is the training median: "E67 events: 0 (median 0)" reads as no reason
+        at all, whatever the trees made of it."""
         if len(features) != 1:
             raise ValueError("top_contributions explains one user at a time")
-        contrib = self.contributions(features).iloc[0].drop("bias")
-        contrib = contrib[contrib > 0].sort_values(ascending=False).head(k)
         values = features.iloc[0]
+        contrib = self.contributions(features).iloc[0].drop("bias")
+        typical = pd.Series(
+            {
+                n: bool(np.isclose(float(values[n]), self.medians.get(str(n), np.nan)))
+                for n in contrib.index
+            }
+        )
+        contrib = contrib[(contrib > 0) & ~typical].sort_values(ascending=False).head(k)
         return pd.DataFrame(
             {
                 "feature": contrib.index.astype(str),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,12 @@ def test_treeshap_contributions_add_up_to_the_log_odds(fitted) -> None:  # type:
     assert list(top["value"]) == [float(riskiest.iloc[0][f]) for f in top["feature"]]
     with pytest.raises(ValueError, match="one user"):
         model.top_contributions(features.iloc[:2])
+    # A value at the training median is no reason to show, whatever its contribution.
+    first = str(top["feature"].iloc[0])
+    typical = dataclasses.replace(
+        model, medians={**model.medians, first: float(riskiest.iloc[0][first])}
+    )
+    assert first not in set(typical.top_contributions(riskiest, k=3)["feature"])
 
 
 def test_the_demo_model_carries_one_and_scores_subsets_of_events(demo_env) -> None:  # type: ignore[no-untyped-def]
