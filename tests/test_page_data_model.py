@@ -166,6 +166,16 @@ def test_preview_guess_and_event_renames() -> None:
         "event_type": "Event_Type",
         "ip": "ip",
     }
+    # loghub's structured logs and RetailRocket: their own names are suggested too
+    loghub = ["LineId", "Label", "Timestamp", "Date", "Node", "Time", "Component", "EventId"]
+    assert datamodel.guess_mapping(loghub) == {"ts": "Timestamp", "event_type": "EventId"}
+    retail = ["timestamp", "visitorid", "event", "itemid", "transactionid"]
+    assert datamodel.guess_mapping(retail) == {
+        "ts": "timestamp",
+        "user_id": "visitorid",
+        "event_type": "event",
+        "item_id": "itemid",
+    }
     edits = pd.DataFrame({"event_type": ["pv", "buy", "fav"], "becomes": ["view", "buy", " "]})
     assert datamodel.event_map_from_edits(edits) == {"pv": "view"}
     assert datamodel.safe_filename("../../etc/pass wd.csv") == "pass_wd.csv"
