@@ -134,28 +134,10 @@ def preview_upload(
         raise store.IngestError(f"{filename}: cannot read a preview: {exc}") from exc
 
 
-# Names public logs and exports give the canonical columns (RetailRocket, Taobao, loghub,
-# payment exports). Only suggestions for the upload form, which the analyst confirms.
-COLUMN_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "ts": ("timestamp", "time", "datetime", "event_time", "eventtime", "created_at", "date_time"),
-    "user_id": ("user", "userid", "visitorid", "visitor_id", "customer_id", "account_id", "uid"),
-    "event_type": ("event", "action", "behavior", "behavior_type", "behaviour", "eventid"),
-    "session_id": ("session", "sessionid"),
-    "item_id": ("item", "itemid", "product_id", "productid", "sku"),
-    "category": ("category_id", "categoryid", "category_name"),
-    "price": ("amount", "unit_price"),
-    "device_id": ("device", "deviceid", "device_fingerprint"),
-    "ip": ("ip_address", "ipaddress", "client_ip"),
-    "country": ("country_code", "countrycode"),
-    "payment_id": ("card_id", "card", "card_fingerprint", "payment_method_id"),
-    "text": ("query", "search_query", "content", "review_text"),
-}
-
-
 def guess_mapping(file_columns: Sequence[str]) -> dict[str, str]:
     """canonical -> file column: the same name, or the one column with that name in another
     case (as ingest resolves them without a mapping), else the one column named by one of the
-    canonical column's COLUMN_SYNONYMS, the first that names exactly one ("Timestamp" before
+    canonical column's schema.COLUMN_SYNONYMS, the first that names exactly one ("Timestamp" before
     "Time", "visitorid", "EventId"). A file column is suggested for one canonical column."""
     found = [str(c) for c in file_columns]
     lower: dict[str, list[str]] = {}
@@ -168,7 +150,7 @@ def guess_mapping(file_columns: Sequence[str]) -> dict[str, str]:
         elif len(lower.get(canon, [])) == 1:
             out[canon] = lower[canon][0]
     taken = set(out.values())
-    for canon, names in COLUMN_SYNONYMS.items():
+    for canon, names in schema.COLUMN_SYNONYMS.items():
         if canon in out:
             continue
         for name in names:  # in order of preference: "Timestamp" before "Time"

@@ -98,3 +98,21 @@ def naive_utc(value: datetime | pd.Timestamp | str) -> datetime:
     if ts.tzinfo is not None:
         ts = ts.tz_convert("UTC").tz_localize(None)
     return ts.to_pydatetime()
+
+
+# Names public logs and exports give the canonical columns (RetailRocket, Taobao, loghub,
+# payment exports). Only suggestions for the upload form, which the analyst confirms.
+COLUMN_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "ts": ("timestamp", "time", "datetime", "event_time", "eventtime", "created_at", "date_time"),
+    "user_id": ("user", "userid", "visitorid", "visitor_id", "customer_id", "account_id", "uid"),
+    "event_type": ("event", "action", "behavior", "behavior_type", "behaviour", "eventid"),
+    "session_id": ("session", "sessionid"),
+    "item_id": ("item", "itemid", "product_id", "productid", "sku"),
+    "category": ("category_id", "categoryid", "category_name"),
+    "price": ("amount", "unit_price"),
+    "device_id": ("device", "deviceid", "device_fingerprint"),
+    "ip": ("ip_address", "ipaddress", "client_ip"),
+    "country": ("country_code", "countrycode"),
+    "payment_id": ("card_id", "card", "card_fingerprint", "payment_method_id"),
+    "text": ("query", "search_query", "content", "review_text"),
+}

@@ -675,6 +675,16 @@ def _plans(
     return plans
 
 
+def _synonym_column(canon: str, lower: dict[str, list[str]], taken: set[str]) -> str | None:
+    """The file column a public log most likely uses for ``canon`` ("Timestamp" for ts), for
+    the missing-column message's example."""
+    for name in schema.COLUMN_SYNONYMS.get(canon, ()):
+        hits = [c for c in lower.get(name, []) if c not in taken]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
 def _resolve_columns(
     found: list[str], mapping: dict[str, str] | None, what: str
 ) -> tuple[dict[str, str], list[str]]:
@@ -705,10 +715,13 @@ def _resolve_columns(
             resolved[canon] = lower[canon][0]
     missing = [c for c in schema.REQUIRED_COLUMNS if c not in resolved]
     if missing:
+        taken = set(resolved.values())
+        likely = {c: hit for c in missing if (hit := _synonym_column(c, lower, taken))}
+        example = ", ".join(f"{k}={v}" for k, v in likely.items()) or "ts=timestamp"
         raise IngestError(
             f"{what}: missing required column(s) {', '.join(missing)}; "
             f"columns found: {', '.join(found) or '(none)'}"
-            " (map them with mapping, e.g. ts=timestamp)"
+            f" (map them, e.g. {example}; CLI: --map {example.split(', ')[0]})"
         )
     used = set(resolved.values())
     return resolved, [c for c in found if c not in used]

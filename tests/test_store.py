@@ -781,6 +781,11 @@ def test_missing_column_error_names_missing_and_found(con, tmp_path: Path) -> No
         store.IngestError, match="not found: user_id=visitor; columns found: when, who"
     ):
         store.ingest_file(con, path, mapping={"user_id": "visitor"})
+    # A loghub export: the message proposes the mapping from the names such logs use.
+    log = write(tmp_path / "bgl.csv", "LineId,Timestamp,Node,Time,EventId\n1,1117838570,R02,x,E1\n")
+    with pytest.raises(store.IngestError) as err:
+        store.ingest_file(con, log)
+    assert "e.g. ts=Timestamp, event_type=EventId; CLI: --map ts=Timestamp" in str(err.value)
 
 
 @pytest.mark.parametrize(
