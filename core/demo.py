@@ -39,6 +39,7 @@ def build_demo(
             # Events without their ground truth would block a rebuild ("already holds
             # events"): take the batch back out, so a failed build leaves an empty store.
             con.execute("BEGIN TRANSACTION")
+            # Table names from this fixed tuple; the batch id is a parameter.
             for table in ("events", "quarantine", "events_runs", "ingest_batches"):
                 con.execute(f"DELETE FROM {table} WHERE batch_id = ?", [report.batch_id])  # noqa: S608
             con.execute("COMMIT")

@@ -470,18 +470,21 @@ def test_early_stopping_ends_after_patience_epochs_without_progress(
     assert result.metrics["pretrain_epochs"] == 3
 
 
+def _active_across(con, start: datetime, end: datetime, n: int) -> list[str]:
+    """The first ``n`` users with events before ``start`` and at or after ``end``."""
+    rows = con.execute(
+        "SELECT user_id FROM events GROUP BY user_id "
+        "HAVING min(ts) < ? AND max(ts) >= ? ORDER BY user_id LIMIT ?",
+        [start, end, n],
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
 def test_ranged_scoring_uses_only_events_in_range(demo_db_copy) -> None:
     loaded = load_model(demo_db_copy.models_dir / demo_db_copy.model_id)
     start, end = datetime(2026, 10, 5), datetime(2026, 10, 12)
     with store.open_db(demo_db_copy.db_path) as con:
-        users = [
-            r[0]
-            for r in con.execute(
-                "SELECT user_id FROM events GROUP BY user_id "
-                "HAVING min(ts) < ? AND max(ts) >= ? ORDER BY user_id LIMIT 25",
-                [start, end],
-            ).fetchall()
-        ]
+        users = _active_across(con, start, end, 25)
         assert len(users) == 25
         con.execute("DELETE FROM event_scores WHERE model_id = ?", [loaded.model_id])
         ranged = score_users(con, loaded, users, start, end)
@@ -524,14 +527,7 @@ def test_ranged_scoring_keeps_the_full_history_event_scores(demo_db_copy) -> Non
     loaded = load_model(demo_db_copy.models_dir / demo_db_copy.model_id)
     start, end = datetime(2026, 10, 5), datetime(2026, 10, 12)
     with store.open_db(demo_db_copy.db_path) as con:
-        users = [
-            r[0]
-            for r in con.execute(
-                "SELECT user_id FROM events GROUP BY user_id "
-                "HAVING min(ts) < ? AND max(ts) >= ? ORDER BY user_id LIMIT 10",
-                [start, end],
-            ).fetchall()
-        ]
+        users = _active_across(con, start, end, 10)
 
         def stored() -> dict[int, float]:
             rows = con.execute(
