@@ -353,9 +353,17 @@ def session_options(sessions: pd.DataFrame) -> dict[str, str]:
     }
 
 
-def describe_timeline(meta: dict[str, object] | None, source: SurprisalSource) -> str:
+def describe_timeline(
+    meta: dict[str, object] | None, source: SurprisalSource, n_events: int = 0
+) -> str:
     """The caption under the timeline: what was drawn and where the scores came from."""
     meta = meta or {}
+    if source == "none":
+        n = n_events
+        return (
+            f"{n:,} {'event' if n == 1 else 'events'}, not scored: no model has scored this "
+            "user yet (train one on the Data & model page). Shaded bands are sessions."
+        )
     text = f"{meta.get('total_points', 0):,} scored events"
     if meta.get("aggregated"):
         text += f"; showing the {meta['shown_points']:,} most surprising plus the per-bin maximum"

@@ -197,7 +197,7 @@ else:
     st.subheader("Score timeline")
     fig = timeline_figure(ask, ctx.threshold)
     st.plotly_chart(fig, key="inv_timeline", config={"scrollZoom": True})
-    st.caption(investigate.describe_timeline(fig.layout.meta, view.timeline.source))
+    st.caption(investigate.describe_timeline(fig.layout.meta, view.timeline.source, len(events)))
 
     @st.fragment
     def session_panel() -> None:

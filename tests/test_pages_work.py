@@ -291,5 +291,6 @@ def test_pages_without_a_model_say_how_to_train_one(tmp_path) -> None:
     # they are missing.
     at = _app(db, "pages/investigate_page.py", user="a")
     assert any("Attributions need a model" in i.value for i in at.info)
+    assert any(c.value.startswith("2 events, not scored: no model") for c in at.caption)
     assert [s.value for s in at.subheader][:2] == ["Score timeline", "Sessions (1)"]
     assert not at.error
