@@ -9,6 +9,7 @@ the population's. The Investigate page, the CLI and the benchmark all call it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -80,6 +81,19 @@ class Explanation:
     # The account-level model's top aggregates (core.aggregate_model.top_contributions) over
     # the full history; None when the model has no account-level half.
     account_signals: pd.DataFrame | None = None
+
+
+def at_threshold(explanation: Explanation, threshold: float) -> Explanation:
+    """The same explanation read against another alert threshold. Attributions and the
+    deletion check do not depend on it (only on the model, the events and the weight): a
+    threshold slider must not start a new Captum run, only change what the facts say."""
+    if explanation.facts.threshold == float(threshold):
+        return explanation
+    check = dataclasses.replace(explanation.counterfactual, threshold=float(threshold))
+    facts = dataclasses.replace(
+        explanation.facts, threshold=float(threshold), counterfactual=check.fact(decimals=4)
+    )
+    return dataclasses.replace(explanation, counterfactual=check, facts=facts)
 
 
 def population_statistics(

@@ -55,12 +55,13 @@ def explanation_key(
     user: str,
     start: datetime | None,
     end: datetime | None,
-    threshold: float,
     weight: float | None,
     version: int,
 ) -> tuple:
-    """What one explanation depends on: the page looks its job up by it before starting one."""
-    return (db_path, model_path, user, start, end, threshold, weight, version)
+    """What one explanation depends on: the page looks its job up by it before starting one.
+    Not the threshold: the attributions and the deletion check do not depend on it, and the
+    page reads the result against the current one (evidence.at_threshold)."""
+    return (db_path, model_path, user, start, end, weight, version)
 
 
 def explanation_job(
@@ -76,7 +77,7 @@ def explanation_job(
     """The user's explanation, computing or done. The model and the population statistics
     come from the page's caches (resolved here, in the script thread); the job itself is core
     only (core.evidence), with no Streamlit call off the script thread."""
-    key = explanation_key(db_path, model_path, user, start, end, threshold, weight, version)
+    key = explanation_key(db_path, model_path, user, start, end, weight, version)
     loaded = loaded_model(model_path)
     pop = population(db_path, start, end)
     words = vocabulary(db_path, version)
@@ -189,7 +190,7 @@ def render(
     if not model_path or not model_id:
         st.info("Attributions need a model: train one on the Data & model page.")
         return
-    key = explanation_key(db_path, model_path, user, start, end, threshold, weight, version)
+    key = explanation_key(db_path, model_path, user, start, end, weight, version)
     failed = st.session_state.get(_failed_key(key))
     if failed is not None:
         st.error(f"Could not explain {user}: {failed}")
@@ -210,6 +211,7 @@ def render(
     if found is None:
         st.info("No events in this range to explain.")
         return
+    found = evidence.at_threshold(found, threshold)
     att = found.attribution
 
     with st.container(border=True, key="inv_attributions"):

@@ -149,3 +149,22 @@ def test_given_a_path_the_file_is_closed_while_captum_runs(
     free = explain_user(path, loaded, user, threshold=0.7)
     assert seen == [False, True] and free is not None
     assert free.facts == held.facts
+
+
+def test_reading_an_explanation_at_another_threshold_equals_computing_it_there(
+    demo_env: DemoEnv, loaded: LoadedModel
+) -> None:
+    """The page moves the threshold without a new Captum run: the re-read facts must be
+    exactly those a fresh explanation at that threshold gives."""
+    from core.evidence import at_threshold
+
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        user = _user_sharing_a_device(con)[0]
+    low = explain_user(demo_env.db_path, loaded, user, threshold=0.3, read_only=True)
+    high = explain_user(demo_env.db_path, loaded, user, threshold=0.99, read_only=True)
+    assert low is not None and high is not None
+    moved = at_threshold(low, 0.99)
+    assert moved.facts == high.facts and moved.facts != low.facts
+    assert moved.attribution is low.attribution  # nothing recomputed
+    assert moved.counterfactual.sentence() == high.counterfactual.sentence()
+    assert at_threshold(low, 0.3) is low
