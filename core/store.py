@@ -16,6 +16,7 @@ import csv
 import gzip
 import hashlib
 import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -948,23 +949,40 @@ def _blank_lines(
     replaced by delimiters only: a line with too many fields, rejected where it stands, which
     keeps every line number. ``blanked`` gains each line's original text."""
     opener = gzip.open if source.name.lower().endswith(".gz") else open
-    with opener(source, "rb") as fh:
-        data = bytearray(fh.read())
     filler = (str(src.params["delim"]) * len(src.columns)).encode()
-    for line, position in runaway:
-        start = position - 1  # DuckDB counts bytes from 1
-        if start < 0 or start > len(data):
-            raise StoreError(f"internal: cannot find line {line} of {source.name}")
-        end = data.find(b"\n", start)
-        end = len(data) if end < 0 else end
-        text = bytes(data[start:end]).rstrip(b"\r").decode("utf-8", errors="replace")
-        blanked[line] = text
-        data[start:end] = filler
     # ``source`` is the last copy when there was one: lines blanked before stay blanked, and
-    # DuckDB's byte offsets are those of the file it read.
-    target = directory / f"repaired-{len(blanked)}.csv"
-    target.write_bytes(bytes(data))
+    # DuckDB's byte offsets are those of the file it read. Streamed: files can be large.
+    target = directory / f"repaired-{len(blanked) + len(runaway)}.csv"
+    with opener(source, "rb") as fh, target.open("wb") as out:
+        done = 0
+        for line, position in sorted(runaway, key=lambda r: r[1]):
+            start = position - 1  # DuckDB counts bytes from 1
+            if start < done:
+                raise StoreError(f"internal: cannot find line {line} of {source.name}")
+            _copy_bytes(fh, out, start - done)
+            done = start
+            first = fh.read(1)
+            while first in (b"\r", b"\n"):  # with CRLF, DuckDB's record starts at the \n
+                out.write(first)
+                done += 1
+                first = fh.read(1)
+            if not first:
+                raise StoreError(f"internal: cannot find line {line} of {source.name}")
+            raw = first + fh.readline()
+            blanked[line] = raw.rstrip(b"\r\n").decode("utf-8", errors="replace")
+            out.write(filler + raw[len(raw.rstrip(b"\r\n")) :])  # keep its line ending
+            done += len(raw)
+        shutil.copyfileobj(fh, out)
     return str(target)
+
+
+def _copy_bytes(src: Any, dst: Any, n: int, chunk: int = 1 << 20) -> None:
+    while n > 0:
+        block = src.read(min(chunk, n))
+        if not block:
+            raise StoreError("internal: the file ended before a line DuckDB reported")
+        dst.write(block)
+        n -= len(block)
 
 
 def _first_rowid(con: duckdb.DuckDBPyConnection, table: str) -> int:

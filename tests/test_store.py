@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -554,6 +555,29 @@ def test_taobao_headerless_layout_with_columns(con, tmp_path: Path) -> None:
     assert {r[3] for r in rows} == {"view", "purchase", "cart", "wishlist"}
     with pytest.raises(store.IngestError, match="gives 3 names .* has 5 fields"):
         store.ingest_file(con, path, columns=["user_id", "item_id", "ts"])
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+@pytest.mark.parametrize("gz", [False, True])
+def test_an_unclosed_quote_does_not_swallow_the_lines_after_it(
+    con, tmp_path: Path, newline: str, gz: bool
+) -> None:
+    """The CSV reader takes everything after an opening quote that never closes as one field;
+    every line after it must still load, and the line itself be quarantined as it was."""
+    lines = ["user_id,ts,event_type"] + [f"u{i},2024-03-01T12:00:{i:02d},view" for i in range(20)]
+    lines[5] = 'u4,2024-03-01T12:00:04,"view'
+    lines[12] = 'u11,"2024-03-01T12:00:11,view'
+    data = (newline.join(lines) + newline).encode()
+    path = tmp_path / ("q.csv.gz" if gz else "q.csv")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    report = store.ingest_file(con, path)
+    assert (report.rows_read, report.rows_accepted, report.rows_quarantined) == (20, 18, 2)
+    assert con.execute("SELECT line, reason, raw FROM quarantine ORDER BY line").fetchall() == [
+        (6, "bad quoting (a quote opened here is never closed)", lines[5]),
+        (13, "bad quoting (a quote opened here is never closed)", lines[12]),
+    ]
+    loaded = {r[0] for r in con.execute("SELECT user_id FROM events").fetchall()}
+    assert loaded == {f"u{i}" for i in range(20)} - {"u4", "u11"}
 
 
 def test_thousand_rows_with_broken_ones(con, tmp_path: Path) -> None:
