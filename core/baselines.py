@@ -910,6 +910,202 @@ class DeepLogScorer:
         return np.where(np.isfinite(scores), scores, self.fill_score_)
 
 
+class LogBERTScorer(DeepLogScorer):
+    """LogBERT (Guo et al., 2021) on event types: a small bidirectional BERT trained by masked
+    event prediction on the training users' sequences, cut into windows of ``window`` events
+    with a leading [DIST] token. Scoring masks every event once: ``mask_passes`` passes per
+    window, pass j masking the positions i with i % mask_passes == j (LogBERT masks a random
+    share per pass; covering each event once is the fairer, deterministic version). Per event:
+    the NLL of the actual type at its mask and whether it fell outside the top g (LogBERT's
+    anomaly count); the user score is the same choice as DeepLog's (``topk_nll`` default).
+
+    Vocabulary, UNK and user scores are DeepLog's (this class reuses them); only the model and
+    the per-event pass differ. ``transformers``' BertForMaskedLM is the encoder.
+    """
+
+    name = "logbert"
+
+    def __init__(
+        self,
+        window: int = 64,
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        mask_share: float = 0.15,
+        mask_passes: int = 7,
+        top_g: int = 9,
+        top_k: int = 5,
+        score: Literal["topk_nll", "topg_miss"] = "topk_nll",
+        max_epochs: int = 4,
+        batch_size: int = 64,
+        learning_rate: float = 1e-3,
+        max_windows_per_epoch: int = 20_000,
+        max_vocab: int = 1000,
+        contamination: float = 0.01,
+        random_state: int = 0,
+        device: str = "cpu",
+        progress: bool = False,
+        num_threads: int | None = None,
+    ) -> None:
+        super().__init__(
+            window=window,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            top_g=top_g,
+            top_k=top_k,
+            score=score,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            max_windows_per_epoch=max_windows_per_epoch,
+            max_vocab=max_vocab,
+            contamination=contamination,
+            random_state=random_state,
+            device=device,
+            progress=progress,
+            num_threads=num_threads,
+        )
+        self.num_heads = num_heads
+        self.mask_share = mask_share
+        self.mask_passes = mask_passes
+
+    def _special(self) -> tuple[int, int, int]:
+        """(MASK id, DIST id, vocabulary size) after the event types (PAD 0, UNK 1, types 2..)."""
+        assert self.vocabulary_ is not None
+        mask = len(self.vocabulary_) + 2
+        return mask, mask + 1, mask + 2
+
+    def _windows(self, encoded: _EncodedEvents) -> tuple[np.ndarray, np.ndarray]:
+        """[DIST] + up to ``window`` codes per row (PAD after a user's last event), and the
+        event index of every position (-1 for DIST and padding)."""
+        _, dist, _ = self._special()
+        n = len(encoded.codes)
+        offset = np.arange(n) - encoded.run_start  # position within the user
+        row_of_run = offset // self.window
+        new_row = (offset % self.window == 0).astype(np.int64)
+        row = np.cumsum(new_row) - 1
+        width = self.window + 1
+        tokens = np.full((int(row.max()) + 1 if n else 0, width), PAD, dtype=np.int64)
+        where = np.full(tokens.shape, -1, dtype=np.int64)
+        col = offset - row_of_run * self.window + 1
+        tokens[row, col] = encoded.codes
+        where[row, col] = np.arange(n)
+        tokens[:, 0] = dist
+        return tokens, where
+
+    def _fit(self, data: UserData, labels: np.ndarray | None) -> LogBERTScorer:
+        import torch
+        from transformers import BertConfig, BertForMaskedLM
+
+        user_ids = data.user_ids
+        if labels is not None:
+            labels = np.asarray(labels).ravel()
+            user_ids = user_ids[labels == 0]
+        frame = _events_frame(data.events)
+        frame = frame[frame["user_id"].isin(pd.Index(user_ids))]
+        if frame.empty:
+            raise ValueError("logbert: no training events")
+        freq = frame["event_type"].astype(object).value_counts(sort=True)
+        self.vocabulary_ = pd.Index(sorted(freq.index[: self.max_vocab].tolist()))
+        encoded = self._encode(frame, user_ids)
+        tokens, where = self._windows(encoded)
+        mask_id, _, vocab = self._special()
+        device = self._device()
+        rng = np.random.default_rng(self.random_state)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_state)
+            config = BertConfig(
+                vocab_size=vocab,
+                hidden_size=self.hidden_size,
+                num_hidden_layers=self.num_layers,
+                num_attention_heads=self.num_heads,
+                intermediate_size=4 * self.hidden_size,
+                max_position_embeddings=self.window + 1,
+                pad_token_id=PAD,
+            )
+            model = BertForMaskedLM(config).to(device)
+            optimiser = torch.optim.AdamW(model.parameters(), lr=self.learning_rate)
+            epochs = range(self.max_epochs)
+            if self.progress:
+                from tqdm.auto import tqdm
+
+                epochs = tqdm(epochs, desc="logbert", unit="epoch")
+            self.loss_history_ = []
+            for _ in epochs:
+                model.train()
+                order = rng.permutation(len(tokens))[: self.max_windows_per_epoch]
+                total, seen = 0.0, 0
+                for lo in range(0, len(order), self.batch_size):
+                    idx = order[lo : lo + self.batch_size]
+                    x = tokens[idx].copy()
+                    real = where[idx] >= 0
+                    chosen = real & (rng.random(x.shape) < self.mask_share)
+                    y = np.where(chosen, x, -100)
+                    x[chosen] = mask_id
+                    if not chosen.any():
+                        continue
+                    out = model(
+                        input_ids=torch.from_numpy(x).to(device),
+                        attention_mask=torch.from_numpy(x != PAD).to(device),
+                        labels=torch.from_numpy(y).to(device),
+                    )
+                    optimiser.zero_grad()
+                    out.loss.backward()
+                    optimiser.step()
+                    total += out.loss.item() * len(idx)
+                    seen += len(idx)
+                self.loss_history_.append(total / max(seen, 1))
+        self.model_ = model.eval()
+        self.decision_scores_ = self._user_scores(encoded, len(user_ids))
+        finite = self.decision_scores_[np.isfinite(self.decision_scores_)]
+        self.fill_score_ = float(np.median(finite)) if len(finite) else 0.0
+        self.decision_scores_ = np.where(
+            np.isfinite(self.decision_scores_), self.decision_scores_, self.fill_score_
+        )
+        self.threshold_ = float(
+            np.percentile(self.decision_scores_, 100 * (1 - self.contamination))
+        )
+        return self
+
+    def _event_scores(self, encoded: _EncodedEvents) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        _check_fitted(self, "model_")
+        device = next(self.model_.parameters()).device
+        n = len(encoded.codes)
+        nll = np.full(n, np.nan, dtype=np.float64)
+        miss = np.zeros(n, dtype=bool)
+        if n == 0:
+            return nll, miss
+        tokens, where = self._windows(encoded)
+        mask_id, _, _ = self._special()
+        g = max(1, min(self.top_g, len(self.vocabulary_)))
+        first_type, end_type = UNK + 1, mask_id  # candidates: the known event types
+        positions = np.arange(tokens.shape[1])
+        with torch.no_grad():
+            for j in range(self.mask_passes):
+                chosen = (where >= 0) & ((positions - 1) % self.mask_passes == j)[None, :]
+                for lo in range(0, len(tokens), self.batch_size * 4):
+                    x = tokens[lo : lo + self.batch_size * 4].copy()
+                    pick = chosen[lo : lo + self.batch_size * 4]
+                    if not pick.any():
+                        continue
+                    truth = x[pick]
+                    x[pick] = mask_id
+                    logits = self.model_(
+                        input_ids=torch.from_numpy(x).to(device),
+                        attention_mask=torch.from_numpy(x != PAD).to(device),
+                    ).logits
+                    at = logits[torch.from_numpy(pick).to(device)].float()
+                    logp = torch.log_softmax(at[:, :end_type], dim=-1)
+                    y = torch.from_numpy(truth).to(device)
+                    events = where[lo : lo + self.batch_size * 4][pick]
+                    nll[events] = (-logp.gather(1, y[:, None]).squeeze(1)).cpu().numpy()
+                    top = logp[:, first_type:].topk(g, dim=-1).indices + first_type
+                    miss[events] = ~(top == y[:, None]).any(dim=1).cpu().numpy()
+        return nll, miss
+
+
 def default_scorers(random_state: int = 0) -> list[UserScorer]:
     """The baseline line-up used by evaluation, with the hyper-parameters documented above."""
     return [
@@ -918,4 +1114,5 @@ def default_scorers(random_state: int = 0) -> list[UserScorer]:
         LOFScorer(random_state=random_state),
         LightGBMScorer(random_state=random_state),
         DeepLogScorer(random_state=random_state),
+        LogBERTScorer(random_state=random_state),
     ]

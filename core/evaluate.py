@@ -432,6 +432,7 @@ def _fit_all(
         IForestScorer,
         LightGBMScorer,
         LOFScorer,
+        LogBERTScorer,
         load_user_data,
     )
     from core.train import TrainConfig, train_model
@@ -463,6 +464,7 @@ def _fit_all(
         ECODScorer(random_state=cfg.seed),
         LOFScorer(random_state=cfg.seed),
         DeepLogScorer(random_state=cfg.seed, max_epochs=cfg.deeplog_epochs, progress=progress),
+        LogBERTScorer(random_state=cfg.seed, progress=progress),
     ]
 
     def iforest(value: int) -> IForestScorer:

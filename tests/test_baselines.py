@@ -282,6 +282,28 @@ def test_deeplog_quality_floor_on_grammar_breakers(grammar: tuple) -> None:
     assert out[1] == pytest.approx(scores[1], rel=1e-5)
 
 
+def test_logbert_quality_floor_and_every_event_masked_once(grammar: tuple) -> None:
+    """The LogBERT-style baseline learns the grammar (masked loss falls, shuffled users rank
+    above normal ones) and its scoring masks each event exactly once: every event gets an NLL,
+    an unseen type is a sure miss, and a user's score does not depend on who else is scored."""
+    from core.baselines import LogBERTScorer
+
+    world, data, y, _ = grammar
+    scorer = LogBERTScorer(window=16, max_epochs=20, learning_rate=3e-3, num_threads=1).fit(data)
+    scores = scorer.decision_function(data)
+    assert scorer.loss_history_[-1] < 0.6 * scorer.loss_history_[0]
+    assert roc_auc_score(y, scores) >= 0.8
+    per_event = scorer.event_scores(data)
+    assert len(per_event) == len(world) and per_event["nll"].notna().all()
+    user = world[world["user_id"] == "g000"].drop(columns="label").assign(user_id="new")
+    user.loc[user.index[20], "event_type"] = "teleport"
+    one = UserData(np.array(["new"], dtype=object), events=user)
+    alone = scorer.event_scores(one)
+    assert alone["nll"].idxmax() == 20 and alone.loc[20, "top_g_miss"]
+    pair = UserData(np.array(["g001"], dtype=object), events=data.events)
+    assert scorer.decision_function(pair)[0] == pytest.approx(scores[1], rel=1e-5)
+
+
 def test_deeplog_unseen_event_type_is_a_sure_surprise(grammar: tuple) -> None:
     world, data, _, scorer = grammar
     user = world[world["user_id"] == "g000"].drop(columns="label").assign(user_id="new")

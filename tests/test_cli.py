@@ -159,7 +159,7 @@ def test_evaluate_with_cross_validation_on_a_tiny_world(env: Path) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    scorers = {"transformer_unsupervised", "iforest", "lof", "lightgbm", "deeplog"}
+    scorers = {"transformer_unsupervised", "iforest", "lof", "lightgbm", "deeplog", "logbert"}
     # every scorer side by side on the held-out users, and its mean and spread over 2 folds
     held_out = next(iter(report["results"].values()))
     assert scorers <= {row["name"] for row in held_out}
