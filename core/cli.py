@@ -189,6 +189,9 @@ def info(
     typer.echo(f"batches      {summary.n_batches:,} ({summary.n_quarantined:,} rows quarantined)")
     if summary.fraud_share is not None:
         typer.echo(f"fraud share  {summary.fraud_share:.2%} of users (ground truth)")
+    if summary.label_counts:
+        labelled = ", ".join(f"{n:,} {label}" for label, n in summary.label_counts.items())
+        typer.echo(f"labels       {labelled} (analysts' current labels)")
     typer.echo("event types:")
     for name, count in summary.event_type_counts.items():
         typer.echo(f"  {name:<20} {count:>12,}")

@@ -1656,6 +1656,9 @@ class DatasetSummary:
     n_quarantined: int
     fraud_share: float | None
     typology_counts: dict[str, int]
+    # Users by their current analyst label (fraud / legit / unsure): real data has no ground
+    # truth, and these are what the supervised models learn from.
+    label_counts: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -1706,6 +1709,13 @@ def dataset_summary(con: duckdb.DuckDBPyConnection) -> DatasetSummary:
         n_quarantined=int(quarantined[0]) if quarantined else 0,
         fraud_share=fraud_share,
         typology_counts={str(t): int(n) for t, n in typologies},
+        label_counts={
+            str(label): int(n)
+            for label, n in con.execute(
+                "SELECT label, count(*) FROM (SELECT arg_max(label, created_at) AS label"
+                " FROM labels GROUP BY user_id) GROUP BY 1 ORDER BY 2 DESC, 1"
+            ).fetchall()
+        },
     )
 
 

@@ -111,6 +111,8 @@ else:
         f"**Time span:** {summary['first_ts']} — {summary['last_ts']} · **ingest batches:** "
         f"{summary['n_batches']:,} · **fraud share (ground truth):** "
         + ("—" if share is None else f"{share:.1%}")
+        + " · **analyst labels:** "
+        + (", ".join(f"{n:,} {k}" for k, n in summary.get("label_counts", {}).items()) or "none")
     )
     left, right = st.columns(2)
     for where, key, names in (

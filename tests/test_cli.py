@@ -273,6 +273,9 @@ def test_labels_from_a_file_then_cases_exported_from_the_cli(env: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "2 labels added, 2 rejected" in result.output
     assert "no such user in the events" in result.output and "perhaps" in result.output
+    result = invoke("info")  # what the analysts' labels now say, beside the ground truth
+    assert "labels       1 fraud, 1 legit (analysts' current labels)" in result.output
+    assert json.loads(invoke("info", "--json").output)["label_counts"] == {"fraud": 1, "legit": 1}
     from core import cases
 
     with store.open_db(env / "cli.duckdb") as con:
