@@ -789,19 +789,7 @@ class DeepLogScorer:
     def _fit(self, data: UserData, labels: np.ndarray | None) -> DeepLogScorer:
         import torch
 
-        user_ids = data.user_ids
-        if labels is not None:
-            labels = np.asarray(labels).ravel()
-            if len(labels) != len(user_ids):
-                raise ValueError(f"deeplog: {len(labels)} labels for {len(user_ids)} users")
-            user_ids = user_ids[labels == 0]
-        frame = _events_frame(data.events)
-        frame = frame[frame["user_id"].isin(pd.Index(user_ids))]
-        if frame.empty:
-            raise ValueError("deeplog: no training events")
-        freq = frame["event_type"].astype(object).value_counts(sort=True)
-        self.vocabulary_ = pd.Index(sorted(freq.index[: self.max_vocab].tolist()))
-        encoded = self._encode(frame, user_ids)
+        user_ids, encoded = self._training_events(data, labels)
         device = self._device()
 
         rng = np.random.default_rng(self.random_state)
@@ -835,15 +823,7 @@ class DeepLogScorer:
                     seen += len(idx)
                 self.loss_history_.append(total / max(seen, 1))
         self.model_ = model.eval()
-        self.decision_scores_ = self._user_scores(encoded, len(user_ids))
-        finite = self.decision_scores_[np.isfinite(self.decision_scores_)]
-        self.fill_score_ = float(np.median(finite)) if len(finite) else 0.0
-        self.decision_scores_ = np.where(
-            np.isfinite(self.decision_scores_), self.decision_scores_, self.fill_score_
-        )
-        self.threshold_ = float(
-            np.percentile(self.decision_scores_, 100 * (1 - self.contamination))
-        )
+        self._score_training_users(encoded, len(user_ids))
         return self
 
     def _device(self) -> Any:
@@ -852,6 +832,35 @@ class DeepLogScorer:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def _training_events(
+        self, data: UserData, labels: np.ndarray | None
+    ) -> tuple[np.ndarray, _EncodedEvents]:
+        """The users trained on (the label-0 ones when labels are given: normal behaviour),
+        the vocabulary fitted on their events, and those events encoded."""
+        user_ids = data.user_ids
+        if labels is not None:
+            labels = np.asarray(labels).ravel()
+            if len(labels) != len(user_ids):
+                raise ValueError(f"{self.name}: {len(labels)} labels for {len(user_ids)} users")
+            user_ids = user_ids[labels == 0]
+        frame = _events_frame(data.events)
+        frame = frame[frame["user_id"].isin(pd.Index(user_ids))]
+        if frame.empty:
+            raise ValueError(f"{self.name}: no training events")
+        freq = frame["event_type"].astype(object).value_counts(sort=True)
+        self.vocabulary_ = pd.Index(sorted(freq.index[: self.max_vocab].tolist()))
+        return user_ids, self._encode(frame, user_ids)
+
+    def _score_training_users(self, encoded: _EncodedEvents, n_users: int) -> None:
+        """decision_scores_, the fill score of a user without events, and threshold_."""
+        scores = self._user_scores(encoded, n_users)
+        finite = scores[np.isfinite(scores)]
+        self.fill_score_ = float(np.median(finite)) if len(finite) else 0.0
+        self.decision_scores_ = np.where(np.isfinite(scores), scores, self.fill_score_)
+        self.threshold_ = float(
+            np.percentile(self.decision_scores_, 100 * (1 - self.contamination))
+        )
 
     def event_scores(self, data: UserData) -> pd.DataFrame:
         """Per event of ``data``'s users, in (user_id, ts) order: user_id, event_type, the NLL
@@ -997,17 +1006,7 @@ class LogBERTScorer(DeepLogScorer):
         import torch
         from transformers import BertConfig, BertForMaskedLM
 
-        user_ids = data.user_ids
-        if labels is not None:
-            labels = np.asarray(labels).ravel()
-            user_ids = user_ids[labels == 0]
-        frame = _events_frame(data.events)
-        frame = frame[frame["user_id"].isin(pd.Index(user_ids))]
-        if frame.empty:
-            raise ValueError("logbert: no training events")
-        freq = frame["event_type"].astype(object).value_counts(sort=True)
-        self.vocabulary_ = pd.Index(sorted(freq.index[: self.max_vocab].tolist()))
-        encoded = self._encode(frame, user_ids)
+        user_ids, encoded = self._training_events(data, labels)
         tokens, where = self._windows(encoded)
         mask_id, _, vocab = self._special()
         device = self._device()
@@ -1056,15 +1055,7 @@ class LogBERTScorer(DeepLogScorer):
                     seen += len(idx)
                 self.loss_history_.append(total / max(seen, 1))
         self.model_ = model.eval()
-        self.decision_scores_ = self._user_scores(encoded, len(user_ids))
-        finite = self.decision_scores_[np.isfinite(self.decision_scores_)]
-        self.fill_score_ = float(np.median(finite)) if len(finite) else 0.0
-        self.decision_scores_ = np.where(
-            np.isfinite(self.decision_scores_), self.decision_scores_, self.fill_score_
-        )
-        self.threshold_ = float(
-            np.percentile(self.decision_scores_, 100 * (1 - self.contamination))
-        )
+        self._score_training_users(encoded, len(user_ids))
         return self
 
     def _event_scores(self, encoded: _EncodedEvents) -> tuple[np.ndarray, np.ndarray]:
