@@ -609,7 +609,7 @@ def test_finetuning_learns_a_planted_signal_and_keeps_its_best_validation_epoch(
     train, y_train = _planted_windows(160, seed=0)
     val, y_val = _planted_windows(60, seed=1)
     cfg = TrainConfig(
-        size="tiny", batch_size=16, supervised_epochs=12, supervised_patience=2,
+        size="tiny", batch_size=16, supervised_epochs=12, supervised_patience=3,
         supervised_learning_rate=3e-3, finetune_nll_weight=0.1,
     )  # fmt: skip
     metrics = finetune(
@@ -619,6 +619,8 @@ def test_finetuning_learns_a_planted_signal_and_keeps_its_best_validation_epoch(
     history = metrics["finetune_val_history"]
     assert 1 <= metrics["finetune_best_epoch"] <= metrics["finetune_epochs"] <= 12
     assert len(history) == metrics["finetune_epochs"]
+    # early stopping: exactly `supervised_patience` bad epochs after the best one, or the cap
+    assert metrics["finetune_epochs"] == min(12, metrics["finetune_best_epoch"] + 3)
     assert metrics["finetune_val_loss"] == pytest.approx(min(history), abs=1e-4)
     # the weights kept are the best epoch's, whatever epochs ran after it
     pos_weight = torch.tensor(metrics["pos_weight"])
