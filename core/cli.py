@@ -98,6 +98,14 @@ def ingest(
             "--decimal-comma", help="Prices are written 12,99 or 1.234,50 (European exports)."
         ),
     ] = False,
+    skip_stored: Annotated[
+        bool,
+        typer.Option(
+            "--skip-stored",
+            help="Files overlap earlier ones and have no event_id: rows identical to a stored"
+            " event are quarantined as already stored instead of stored twice.",
+        ),
+    ] = False,
     db: DbOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False,
 ) -> None:
@@ -138,6 +146,7 @@ def ingest(
                     columns=names,
                     ts_unit=ts_unit,  # type: ignore[arg-type]
                     decimal_comma=decimal_comma,
+                    skip_stored=skip_stored,
                 )
             except store.StoreError as exc:
                 failures += 1

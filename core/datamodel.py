@@ -60,6 +60,7 @@ class UploadOptions:
     columns: tuple[str, ...] | None = None
     ts_unit: store.TsUnit = "auto"
     decimal_comma: bool = False
+    skip_stored: bool = False
 
 
 @dataclass
@@ -198,6 +199,7 @@ def ingest_upload(
                 columns=list(options.columns) if options.columns else None,
                 ts_unit=options.ts_unit,
                 decimal_comma=options.decimal_comma,
+                skip_stored=options.skip_stored,
             )
             quarantined = con.execute(
                 "SELECT line, reason, raw FROM quarantine WHERE batch_id = ? ORDER BY line LIMIT ?",

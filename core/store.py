@@ -759,6 +759,7 @@ _KEYS = "__fl_keys"
 _SESSIONS = "__fl_sessions"
 _CONTINUED = "__fl_continued"
 _DUPS = "__fl_dups"
+_SEEN = "__fl_seen"
 _ORDINAL = "__fl_ordinal"
 
 _REJECT_REASON = """CASE error_type
@@ -797,8 +798,8 @@ def _duplicate_batch(con: duckdb.DuckDBPyConnection, checksum: str) -> int | Non
 def _drop_scratch(con: duckdb.DuckDBPyConnection) -> None:
     # Identifiers in f-string SQL in this module are the module's own scratch-table constants
     # (_STAGE, _CHECKED, ...), never data: every value from outside is a ? / $name parameter.
-    scratch = (_STAGE, _CHECKED, _DUPS, _KEYS, _SESSIONS, _CONTINUED, _REJECTS, _REJECT_SCANS)
-    for table in (*scratch, _REJECTS_AGAIN, _REJECT_SCANS_AGAIN):
+    scratch = (_STAGE, _CHECKED, _DUPS, _SEEN, _KEYS, _SESSIONS, _CONTINUED, _REJECTS)
+    for table in (*scratch, _REJECT_SCANS, _REJECTS_AGAIN, _REJECT_SCANS_AGAIN):
         con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
@@ -810,6 +811,7 @@ def _run_batch(
     event_map: dict[str, str] | None,
     ts_unit: TsUnit,
     decimal_comma: bool = False,
+    skip_stored: bool = False,
 ) -> IngestReport:
     """Validate into connection-local temp tables, then write everything in one transaction.
 
@@ -864,6 +866,8 @@ def _run_batch(
             con.execute(f"UPDATE {_CHECKED} SET __n = rowid - ? + 1", [rowid0])  # noqa: S608
         if "event_id" in plans:
             _mark_duplicate_ids(con, src, params)
+        if skip_stored:
+            _mark_stored_rows(con, src, plans, event_map, params)
         _step_done("read")
         n_rows, n_ok = _one(
             con.execute(
@@ -1070,18 +1074,110 @@ def _mark_duplicate_ids(
         WHERE c.reason IS NULL AND c.v_event_id IS NOT NULL
           AND (c.__n > f.first OR c.v_event_id IN (SELECT event_id FROM events))"""  # noqa: S608
     con.execute(sql)
-    row = _one(con.execute(f"SELECT count(*) FROM {_DUPS}"))  # noqa: S608
-    if not row or not row[0]:
-        return
-    if src.stage_sql:
+    _reject_listed(con, src, params, _DUPS, "duplicate event_id")
+
+
+def _stage_source(con: duckdb.DuckDBPyConnection, src: _Source, params: dict[str, Any]) -> None:
+    """Make src.select_sql readable: a CSV is staged as a table once (a typed source is read
+    in place)."""
+    if src.stage_sql and "rowid0" not in params:
         con.execute(f"DROP TABLE IF EXISTS {_STAGE}")
         con.execute(src.stage_sql, _used(src.stage_sql, params))
         params["rowid0"] = _first_rowid(con, _STAGE)
-    fix = f"""UPDATE {_CHECKED} SET reason = 'duplicate event_id', raw = d.raw
+
+
+def _reject_listed(
+    con: duckdb.DuckDBPyConnection,
+    src: _Source,
+    params: dict[str, Any],
+    listed: str,
+    reason: str,
+) -> None:
+    """Give the rows whose __n is in table `listed` this reason and their source row as raw.
+    Such rows are rare, so their raw rows are read back from the source only when there are
+    some."""
+    row = _one(con.execute(f"SELECT count(*) FROM {listed}"))  # noqa: S608
+    if not row or not row[0]:
+        return
+    _stage_source(con, src, params)
+    params["reason"] = reason
+    fix = f"""UPDATE {_CHECKED} SET reason = $reason, raw = d.raw
         FROM (SELECT __n, CAST({_raw_json(src)} AS VARCHAR) AS raw
-              FROM ({src.select_sql}) WHERE __n IN (SELECT __n FROM {_DUPS})) d
+              FROM ({src.select_sql}) WHERE __n IN (SELECT __n FROM {listed})) d
         WHERE {_CHECKED}.__n = d.__n"""  # noqa: S608
     con.execute(fix, _used(fix, params))
+
+
+STORED_REASON = "already stored (the same event came in an earlier file)"
+
+
+def _mark_stored_rows(
+    con: duckdb.DuckDBPyConnection,
+    src: _Source,
+    plans: dict[str, _Plan],
+    event_map: dict[str, str] | None,
+    params: dict[str, Any],
+) -> None:
+    """With skip_stored: quarantine valid rows that repeat an event already in `events`.
+
+    Overlapping exports (yesterday's file covered 00:00-24:00, today's 18:00-18:00) have no
+    event_id to tell a repeat from a new event, so a row is a repeat when every value it would
+    store equals a stored event's (user, time, type, item, price, device, ...; the derived
+    session and id aside). Counted as multisets: when the file holds an event k times and the
+    store m times, the first m are skipped and the other k - m kept, so genuine identical
+    events (a log line repeated within a second) are not collapsed.
+    """
+    compared = [
+        c
+        for c in schema.COLUMN_TYPES
+        if c in plans and c not in ("user_id", "ts", "event_id", "batch_id")
+    ]
+    absent = [
+        c
+        for c in schema.COLUMN_TYPES
+        if c not in plans and c not in ("event_id", "batch_id", "session_id")
+    ]
+
+    def typed(name: str, value: str) -> str:
+        if name == "event_type" and event_map:
+            params["map_keys"] = list(event_map)
+            params["map_vals"] = list(event_map.values())
+            value = (
+                "coalesce(map_extract_value(MAP($map_keys::VARCHAR[], $map_vals::VARCHAR[]),"
+                f" {value}), {value})"
+            )
+        return f"CAST({value} AS {schema.COLUMN_TYPES[name]}) AS {name}"
+
+    if _keeps_values(src):
+        rows = (
+            f"SELECT __n, v_user_id AS user_id, v_ts AS ts"  # noqa: S608
+            f"{''.join(', ' + typed(c, f'v_{c}') for c in compared)}"
+            f" FROM {_CHECKED} WHERE reason IS NULL"
+        )
+    else:
+        _stage_source(con, src, params)
+        wide = "".join(f", {plans[c].value} AS v_{c}" for c in compared)
+        rows = (
+            f"SELECT c.__n, c.v_user_id AS user_id, c.v_ts AS ts"  # noqa: S608
+            f"{''.join(', ' + typed(c, f'w.v_{c}') for c in compared)}"
+            f" FROM {_CHECKED} c JOIN (SELECT __n{wide} FROM ({src.select_sql})) w USING (__n)"
+            " WHERE c.reason IS NULL"
+        )
+    keys = ["user_id", "ts", *compared]
+    same = " AND ".join(
+        ["b.user_id = s.user_id", "b.ts = s.ts"]
+        + [f"b.{c} IS NOT DISTINCT FROM s.{c}" for c in compared]
+    )
+    stored_where = "".join(f" AND {c} IS NULL" for c in absent)
+    sql = f"""CREATE TEMP TABLE {_SEEN} AS
+        WITH b AS (SELECT *, row_number() OVER (PARTITION BY {", ".join(keys)} ORDER BY __n)
+                   AS __k FROM ({rows})),
+             s AS (SELECT {", ".join(keys)}, count(*) AS __m FROM events
+                   WHERE user_id IN (SELECT DISTINCT user_id FROM b){stored_where}
+                   GROUP BY ALL)
+        SELECT b.__n FROM b JOIN s ON {same} WHERE b.__k <= s.__m"""  # noqa: S608
+    con.execute(sql, _used(sql, params))
+    _reject_listed(con, src, params, _SEEN, STORED_REASON)
 
 
 def _sessionize(con: duckdb.DuckDBPyConnection, params: dict[str, Any]) -> None:
@@ -1405,12 +1501,15 @@ def ingest_file(
     ts_unit: TsUnit = "auto",
     delimiter: str | None = None,
     decimal_comma: bool = False,
+    skip_stored: bool = False,
 ) -> IngestReport:
     """Ingest a CSV (optionally .gz) or Parquet file as one batch; see the module docstring.
 
     `mapping` is canonical name -> source column; `columns` names the fields of a headerless
     CSV; `decimal_comma` reads prices written 12,99 or 1.234,50 (numbers stored as text).
-    Re-ingesting the same bytes is a no-op reported through `duplicate_of`.
+    Re-ingesting the same bytes is a no-op reported through `duplicate_of`; with
+    `skip_stored`, rows that repeat stored events (an overlapping export without event ids)
+    are quarantined as already stored instead of stored twice.
     """
     path = Path(path)
     if not path.is_file():
@@ -1422,7 +1521,7 @@ def ingest_file(
     else:
         src = _csv_source(path, head, checksum, columns, delimiter)
     resolved, ignored = _resolve_columns(src.columns, mapping, path.name)
-    return _run_batch(con, src, resolved, ignored, event_map, ts_unit, decimal_comma)
+    return _run_batch(con, src, resolved, ignored, event_map, ts_unit, decimal_comma, skip_stored)
 
 
 def _parquet_source(con: duckdb.DuckDBPyConnection, path: Path, checksum: str) -> _Source:
@@ -1552,6 +1651,7 @@ def ingest_dataframe(
     mapping: dict[str, str] | None = None,
     event_map: dict[str, str] | None = None,
     ts_unit: TsUnit = "auto",
+    skip_stored: bool = False,
 ) -> IngestReport:
     """Ingest an in-memory frame as one batch, with the same rules as `ingest_file`."""
     if isinstance(df, pd.DataFrame):
@@ -1590,7 +1690,7 @@ def ingest_dataframe(
             rejects=False,
             header_lines=0,
         )
-        return _run_batch(con, src, resolved, ignored, event_map, ts_unit)
+        return _run_batch(con, src, resolved, ignored, event_map, ts_unit, skip_stored=skip_stored)
     finally:
         con.unregister(view)
 

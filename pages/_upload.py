@@ -99,9 +99,22 @@ def _ingest_form(db_path: str, upload: UploadedFile) -> None:
     decimal_comma = st.checkbox(
         "Decimal comma (12,99 or 1.234,50)", key=f"dm_decimal_{fid}", help="European exports."
     )
+    skip_stored = st.checkbox(
+        "Skip events already stored",
+        key=f"dm_skip_stored_{fid}",
+        help="For exports that overlap earlier ones and have no event_id: a row identical to a "
+        "stored event goes to quarantine as already stored instead of being stored twice.",
+    )
     if not st.button("Validate and ingest", type="primary", key="dm_ingest"):
         return
-    options = datamodel.UploadOptions(mapping, event_map, columns, ts_unit, decimal_comma)  # type: ignore[arg-type]
+    options = datamodel.UploadOptions(
+        mapping,
+        event_map,
+        columns,
+        ts_unit,  # type: ignore[arg-type]
+        decimal_comma,
+        skip_stored,
+    )
     with st.status(f"Ingesting {upload.name}…") as status:
         try:
             st.session_state["dm_upload"] = datamodel.ingest_upload(

@@ -137,6 +137,23 @@ def test_ingest_of_a_non_csv_file_fails_clearly(env: Path) -> None:
     assert "ZIP archive" in result.output and "not CSV or Parquet" in result.output
 
 
+def test_ingest_skip_stored_loads_overlapping_exports_once(env: Path) -> None:
+    header = "user_id,ts,event_type\n"
+    monday = env / "monday.csv"
+    monday.write_text(header + "u1,2024-03-04T23:50:00Z,view\nu1,2024-03-04T23:55:00Z,cart\n")
+    overlap = env / "monday-tuesday.csv"
+    overlap.write_text(header + "u1,2024-03-04T23:55:00Z,cart\nu1,2024-03-05T00:10:00Z,purchase\n")
+    assert invoke("ingest", str(monday)).exit_code == 0
+    result = invoke("ingest", "--skip-stored", "--json", str(overlap))
+    assert result.exit_code == 0, result.output
+    (report,) = json.loads(result.stdout)
+    assert report["rows_accepted"] == 1 and report["rows_quarantined"] == 1
+    assert report["reasons"] == {store.STORED_REASON: 1}
+    with store.open_db(env / "cli.duckdb", read_only=True) as con:
+        kinds = con.execute("SELECT event_type FROM events ORDER BY ts").fetchall()
+    assert kinds == [("view",), ("cart",), ("purchase",)]
+
+
 def test_commands_without_data_or_model_say_what_to_do(env: Path) -> None:
     result = invoke("info")
     assert result.exit_code != 0 and "fraudlens demo" in result.output

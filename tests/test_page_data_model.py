@@ -126,6 +126,13 @@ def test_ingest_upload_maps_renames_quarantines_and_dedups(tmp_path: Path) -> No
     )
     assert again.quarantined.empty
 
+    # An export overlapping this one, uploaded with "Skip events already stored"
+    overlap = CSV + b"2024-03-02T00:00:00,u9,pv,3\n"
+    skipping = datamodel.UploadOptions(**{**vars(options), "skip_stored": True})
+    later = datamodel.ingest_upload(db, overlap, "overlap.csv", skipping)
+    assert later.report.rows_accepted == 1  # u9's new event; the two bad rows fail again
+    assert later.report.reasons[store.STORED_REASON] == 3
+
 
 def test_ingest_upload_headerless_parquet_and_errors(tmp_path: Path) -> None:
     db = tmp_path / "up.duckdb"

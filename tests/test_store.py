@@ -351,6 +351,75 @@ def test_dataframe_ingest_and_duplicate_frame(con) -> None:
     assert report.reasons == {"duplicate event_id": 1}
 
 
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_skip_stored_quarantines_the_overlap_of_exports_without_event_ids(
+    con, tmp_path: Path, kind: str
+) -> None:
+    columns = ["user", "when", "action", "item_id", "price"]
+    first_day = [
+        ("u1", "2024-03-01T10:00:00Z", "pv", "i1", 9.5),
+        ("u1", "2024-03-01T10:00:00Z", "pv", "i1", 9.5),  # a real repeat, same second
+        ("u1", "2024-03-01T10:05:00Z", "cart", "i1", 9.5),
+        ("u2", "2024-03-01T11:00:00Z", "pv", "i2", None),
+    ]
+    overlap = [
+        *first_day[:3],  # stored already
+        ("u1", "2024-03-01T10:00:00Z", "pv", "i1", 9.5),  # a third copy: the store holds two
+        ("u2", "2024-03-01T11:00:00Z", "pv", "i2", 4.0),  # one value differs: a new event
+        ("u3", "2024-03-02T09:00:00Z", "pv", "i3", 1.0),  # new
+    ]
+
+    def export(name: str, rows: list[tuple]) -> Path:
+        frame = pd.DataFrame(rows, columns=columns)
+        path = tmp_path / f"{name}.{kind}"
+        frame.to_csv(path, index=False) if kind == "csv" else frame.to_parquet(path)
+        return path
+
+    options = {"mapping": {"user_id": "user", "ts": "when", "event_type": "action"}}
+    options["event_map"] = {"pv": "view"}
+    store.ingest_file(con, export("day1", first_day), **options)
+    report = store.ingest_file(con, export("day1-2", overlap), skip_stored=True, **options)
+
+    assert (report.rows_read, report.rows_accepted, report.rows_quarantined) == (6, 3, 3)
+    assert report.reasons == {store.STORED_REASON: 3}
+    lines = con.execute(
+        "SELECT line, raw FROM quarantine WHERE batch_id = ? ORDER BY line", [report.batch_id]
+    ).fetchall()
+    first_line = 2 if kind == "csv" else 1  # a CSV's line 1 is its header
+    assert [line for line, _ in lines] == [first_line, first_line + 1, first_line + 2]
+    assert json.loads(lines[2][1])["action"] == "cart"  # the source row, as read
+    counts = con.execute(
+        "SELECT user_id, event_type, price, count(*) FROM events GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    assert counts == [
+        ("u1", "cart", 9.5, 1),
+        ("u1", "view", 9.5, 3),  # two stored + the third copy the overlap brought
+        ("u2", "view", 4.0, 1),
+        ("u2", "view", None, 1),
+        ("u3", "view", 1.0, 1),
+    ]
+
+    # Without the option every row is stored again: a file can hold genuine repeats.
+    again = store.ingest_file(con, export("again", first_day[:1]), **options)
+    assert again.rows_accepted == 1 and not again.reasons
+
+
+def test_skip_stored_compares_every_stored_value(con) -> None:
+    frame = pd.DataFrame(
+        {"ts": [T0], "user_id": ["u1"], "event_type": ["login"], "device_id": ["d1"]}
+    )
+    store.ingest_dataframe(con, frame, source="with device")
+    # the same moment without the device is not the stored event (it would store NULL there)
+    bare = frame.drop(columns="device_id")
+    report = store.ingest_dataframe(con, bare, source="no device", skip_stored=True)
+    assert report.rows_accepted == 1 and not report.reasons
+    later = frame.assign(ts=T0 + timedelta(hours=1))
+    both = pd.concat([frame, later], ignore_index=True)  # not the same bytes as the first frame
+    same = store.ingest_dataframe(con, both, source="again", skip_stored=True)
+    assert same.rows_accepted == 1 and same.reasons == {store.STORED_REASON: 1}
+    assert con.execute("SELECT count(*) FROM events").fetchone() == (3,)
+
+
 def test_generated_event_ids_continue_after_existing_ones(con) -> None:
     df = pd.DataFrame({"ts": [T0, T0], "user_id": ["a", "b"], "event_type": ["v", "v"]})
     store.ingest_dataframe(con, df.assign(event_id=[100, 101]), source="first")
