@@ -156,7 +156,12 @@ def ingest(
                     typer.secho(text, fg=typer.colors.RED, err=True)
                 continue
             reports.append(report.to_dict())
-            if report.rows_read and not report.rows_accepted and report.duplicate_of is None:
+            if (
+                report.rows_read
+                and not report.rows_accepted
+                and report.duplicate_of is None
+                and not report.all_stored_already
+            ):
                 failures += 1  # every row quarantined: the options are wrong, say so by rc
             if not as_json:
                 typer.echo(report.message())

@@ -337,7 +337,9 @@ class IngestReport:
         text += f"; batch {self.batch_id}, {self.seconds:.2f} s."
         if self.ignored_columns:
             text += " Ignored columns: " + ", ".join(self.ignored_columns) + "."
-        if self.rows_read and not self.rows_accepted:
+        if self.rows_read and not self.rows_accepted and self.all_stored_already:
+            text += " Every row was stored already: nothing new."
+        elif self.rows_read and not self.rows_accepted:
             text += " Nothing was loaded."
             if any("timestamp" in r for r in self.reasons):
                 text += (
@@ -347,6 +349,11 @@ class IngestReport:
                 )
             text += " The file can be ingested again with other options."
         return text
+
+    @property
+    def all_stored_already(self) -> bool:
+        """Every quarantined row repeats a stored event (an overlap skipped with skip_stored)."""
+        return bool(self.reasons) and set(self.reasons) == {STORED_REASON}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

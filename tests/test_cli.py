@@ -152,6 +152,12 @@ def test_ingest_skip_stored_loads_overlapping_exports_once(env: Path) -> None:
     with store.open_db(env / "cli.duckdb", read_only=True) as con:
         kinds = con.execute("SELECT event_type FROM events ORDER BY ts").fetchall()
     assert kinds == [("view",), ("cart",), ("purchase",)]
+    # a file that brings nothing new is not an error
+    inside = env / "monday-late.csv"
+    inside.write_text(header + "u1,2024-03-04T23:55:00Z,cart\n")
+    result = invoke("ingest", "--skip-stored", str(inside))
+    assert result.exit_code == 0, result.output
+    assert "Every row was stored already" in result.output
 
 
 def test_commands_without_data_or_model_say_what_to_do(env: Path) -> None:
