@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import alert_charts, alerts, cases, store
+from core import alert_charts, alerts, cases, rings, store
 from core.scoring import LoadedModel
 from pages._shared import context, loaded_model, require_database, require_model
 
@@ -51,9 +50,12 @@ def triage_data(
     weight: float | None,
     filters: tuple[tuple[str, ...], tuple[str, ...], int],
     version: int,
-) -> tuple[alerts.RangeKpis, pd.DataFrame, int, np.ndarray, pd.DataFrame, pd.DataFrame, str | None]:
+) -> tuple[
+    alerts.RangeKpis, pd.DataFrame, int, pd.DataFrame, pd.DataFrame, pd.DataFrame, str | None
+]:
     """KPIs, the queue's first rows, how many alerts pass the filters, every active user's
-    score, alerts per day, the watchlist, and a problem to show (on-demand scoring failed).
+    score (user_id, score), alerts per day, the watchlist, and a problem to show (on-demand
+    scoring failed).
     A plain tuple: st.cache_data pickles it, and a class defined in a page script would not
     unpickle across reruns."""
 
@@ -91,9 +93,60 @@ def triage_data(
             min_percentile=min(alerts.WATCH_LEVELS),
             users=users,
         )
-        scores = everyone["score"]
+        scores = everyone[["user_id", "score"]].reset_index(drop=True)
         n_queue = int((users["score"] >= threshold).sum())
-    return kpis, queue, n_queue, scores.to_numpy(dtype=float), per_day, watch, problem
+    return kpis, queue, n_queue, scores, per_day, watch, problem
+
+
+@st.cache_data(ttl=120, max_entries=8, show_spinner="Looking for shared devices, cards and IPs…")
+def shared_entities(
+    db_path: str,
+    start: datetime | None,
+    end: datetime | None,
+    scores: pd.DataFrame,
+    threshold: float,
+    version: int,
+) -> pd.DataFrame:
+    with store.open_db(db_path) as con:
+        return rings.shared_entities_in_range(con, start, end, scores, threshold)
+
+
+def shared_entity_table(groups: pd.DataFrame, key: str) -> None:
+    """Entities several accounts share; selecting a row opens its highest-scoring user."""
+
+    def open_selected() -> None:
+        rows = state[key]["selection"]["rows"]
+        if rows:
+            state["_tri_open"] = str(groups.iloc[rows[0]].top_user)
+
+    st.dataframe(
+        groups,
+        key=key,
+        hide_index=True,
+        on_select=open_selected,
+        selection_mode="single-row",
+        column_config={
+            "value": st.column_config.TextColumn("value", pinned=True),
+            "users": st.column_config.NumberColumn("users", help="Users with it in the range."),
+            "alerts": st.column_config.NumberColumn(
+                "alerts", help="Of those, users at or above the threshold."
+            ),
+            "labelled_fraud": st.column_config.NumberColumn("labelled fraud"),
+            "max_score": st.column_config.ProgressColumn(
+                "max score", format="%.3f", min_value=0.0, max_value=1.0
+            ),
+            "top_user": st.column_config.TextColumn("top user"),
+            "opened_together": st.column_config.NumberColumn(
+                "opened together",
+                help=f"The most of its accounts first seen within {rings.TOGETHER_HOURS:.0f} h "
+                "of each other (accounts already there on the log's first day are not counted: "
+                "their first sighting is the log's start).",
+            ),
+            "first_seen": st.column_config.DatetimeColumn("first seen", format="YYYY-MM-DD HH:mm"),
+            "last_seen": st.column_config.DatetimeColumn("last seen", format="YYYY-MM-DD HH:mm"),
+            "user_ids": st.column_config.TextColumn("users (highest score first)", width="large"),
+        },
+    )
 
 
 def user_table(users: pd.DataFrame, key: str) -> None:
@@ -207,6 +260,29 @@ with st.expander(f"Unusual but not alerted ({len(watch):,})"):
     else:
         user_table(watch, "tri_watch")
 
+if st.toggle(
+    "Accounts sharing a device, card or IP",
+    key="tri_rings",
+    help="Multi-accounting (coupon and referral rings, mule networks) hides from a model that "
+    "reads one user at a time: each account alone looks ordinary. The link shows here.",
+):
+    groups = shared_entities(ctx.db_path, ctx.start, ctx.end, scores, ctx.threshold, version)
+    kinds = [k for k in rings.ENTITY_ORDER if (groups["entity"] == k).any()]
+    if not kinds:
+        st.info("No device, card or IP is shared by two or more users active in this range.")
+    else:
+        kind = st.segmented_control("Shared", kinds, default=kinds[0], key="tri_ring_kind")
+        shown_groups = groups.loc[groups["entity"] == (kind or kinds[0])].reset_index(drop=True)
+        st.caption(
+            "Devices and cards are personal: a few accounts on one are a lead. IPs are shared by "
+            "households, offices and carriers. Most accounts opened together first. Select a row "
+            "to investigate its highest-scoring user (the entity graph shows the others)."
+        )
+        shared_entity_table(shown_groups.drop(columns="entity"), "tri_rings_table")
+
 left, right = st.columns(2)
-left.plotly_chart(alert_charts.score_histogram(scores, ctx.threshold), key="tri_hist")
+left.plotly_chart(
+    alert_charts.score_histogram(scores["score"].to_numpy(dtype=float), ctx.threshold),
+    key="tri_hist",
+)
 right.plotly_chart(alert_charts.alerts_per_day_chart(per_day), key="tri_per_day")

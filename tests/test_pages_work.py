@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import alerts, cases, store
+from core import alerts, cases, rings, store
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -114,6 +114,30 @@ def test_triage_lists_unusual_users_the_threshold_leaves_out(demo_env) -> None:
         )
     assert len(looser) > len(expected)
     assert at.dataframe(key="tri_watch").value["user_id"].tolist() == looser["user_id"].tolist()
+
+
+def test_triage_lists_accounts_sharing_a_device_card_or_ip(demo_env) -> None:
+    at = _app(demo_env.db_path)
+    assert not [d for d in at.dataframe if d.key == "tri_rings_table"]  # off until asked
+    at.toggle(key="tri_rings").set_value(True).run()
+    assert not at.exception
+    start, end = _full_range(demo_env.db_path)
+    threshold = at.sidebar.number_input(key="threshold").value
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        scores = alerts.active_scores(con, demo_env.model_id, start, end)
+        expected = rings.shared_entities_in_range(con, start, end, scores, threshold)
+    kind = at.button_group(key="tri_ring_kind").value
+    assert kind == expected["entity"].iloc[0]  # devices first when any is shared
+    shown = at.dataframe(key="tri_rings_table").value
+    mine = expected.loc[expected["entity"] == kind]
+    assert shown["value"].tolist() == mine["value"].tolist()
+    assert shown["top_user"].tolist() == mine["top_user"].tolist()
+
+    at.button_group(key="tri_ring_kind").set_value("IP").run()
+    assert not at.exception
+    ips = at.dataframe(key="tri_rings_table").value
+    assert ips["value"].tolist() == expected.loc[expected["entity"] == "IP", "value"].tolist()
+    assert (ips["users"] >= rings.MIN_SHARED_USERS).all()
 
 
 def test_thresholds_sliders_and_save(demo_db_copy) -> None:
