@@ -46,15 +46,13 @@ def detail(db_path: str, case_id: int, version: int) -> cases.CaseDetail | None:
             return None
 
 
-@st.cache_data(ttl=300, max_entries=16, show_spinner="Preparing the export…")
-def export_file(
+def build_export(
     db_path: str,
     ids: tuple[int, ...],
     evidence: bool,
     model_id: str | None,
     threshold: float,
     analyst: str,
-    version: int,
 ) -> tuple[bytes, int]:
     """The case CSV of ``ids``, or (``evidence``) the evidence CSV of the single case."""
     with store.open_db(db_path) as con:
@@ -65,6 +63,34 @@ def export_file(
                 con, ids, model_id=model_id, threshold=threshold, analyst=analyst
             )
     return cases.export_csv_bytes(frame), len(frame)
+
+
+@st.cache_data(ttl=300, max_entries=16, show_spinner="Preparing the export…")
+def export_file(
+    db_path: str,
+    ids: tuple[int, ...],
+    evidence: bool,
+    model_id: str | None,
+    threshold: float,
+    analyst: str,
+    version: int,
+) -> tuple[bytes, int]:
+    """build_export, cached for the buttons' row counts (and as the fallback file)."""
+    return build_export(db_path, ids, evidence, model_id, threshold, analyst)
+
+
+def export_now(
+    db_path: str,
+    ids: tuple[int, ...],
+    evidence: bool,
+    model_id: str | None,
+    threshold: float,
+    analyst: str,
+) -> Callable[[], bytes]:
+    """The file as of the click: st.download_button calls this when the analyst downloads
+    (on a thread of its own), so exported_at is the moment of the download, not when the
+    page last prepared the button."""
+    return lambda: build_export(db_path, ids, evidence, model_id, threshold, analyst)[0]
 
 
 def act(action: Callable[[duckdb.DuckDBPyConnection], T], done: str) -> T | None:
@@ -230,7 +256,9 @@ for column, (kind, ids_, name, label) in zip(st.columns(2), exports, strict=True
         continue
     column.download_button(
         f"{label} · {rows} rows",
-        data,
+        export_now(ctx.db_path, ids_, kind == "evidence", ctx.model_id, ctx.threshold, ctx.analyst)
+        if ids_
+        else data,
         name,
         "text/csv",
         on_click=record_download,

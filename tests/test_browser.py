@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
@@ -329,6 +330,8 @@ def test_case_csv_export_neutralises_formulas(server: Server, page, tmp_path: Pa
     page.wait_for_selector(IDLE, state="attached")
 
     button = page.locator('[data-testid="stDownloadButton"] button', has_text="Case CSV")
+    time.sleep(1.5)  # the page prepared its buttons before this: the file must be newer
+    clicked = datetime.now(UTC).replace(tzinfo=None)
     with page.expect_download() as download:
         button.click()
     path = tmp_path / download.value.suggested_filename
@@ -338,6 +341,7 @@ def test_case_csv_export_neutralises_formulas(server: Server, page, tmp_path: Pa
     row = frame.iloc[0]
     assert (row["case_id"], row["user_id"]) == (str(server.case_id), server.user)
     assert row["model_id"] == server.model_id and row["label"] == "fraud"
+    assert pd.Timestamp(row["exported_at"]) >= pd.Timestamp(clicked)  # made at the click
     assert row["title"] == "'=1+1" and row["label_note"] == "'=1+1"
     assert FORMULA in row["notes"]  # the note, inside "<when> <who>: =1+1"
     text_cells = frame.select_dtypes(exclude="number").to_numpy().ravel()
