@@ -602,6 +602,76 @@ def watchlist(
 
 
 @app.command()
+def shared(
+    out: Annotated[
+        Path | None, typer.Argument(help="CSV file to write (default: print a table).")
+    ] = None,
+    entity: Annotated[
+        str | None, typer.Option(help="Only this kind: device, card or IP (default: all).")
+    ] = None,
+    min_users: Annotated[int, typer.Option(min=2, help="Users sharing it, at least.")] = 2,
+    threshold: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Alert threshold (default: the saved one, else 0.9)."),
+    ] = None,
+    start: Annotated[str | None, typer.Option(help="Active from (ISO date/time, UTC).")] = None,
+    end: Annotated[str | None, typer.Option(help="Active before (ISO date/time, UTC).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    db: DbOption = None,
+) -> None:
+    """Devices, cards and IPs several users share in the range, accounts opened together
+    first (Triage's "accounts sharing a device, card or IP"). Works before any model is
+    trained; with one, each row also counts alerts and names the highest-scoring user."""
+    import pandas as pd
+
+    from core import alerts, rings
+    from core.export import write_csv
+
+    kinds = {k.lower(): k for k in rings.ENTITY_ORDER}
+    if entity is not None and entity.lower() not in kinds:
+        raise _fail(f"--entity must be one of {', '.join(rings.ENTITY_ORDER)}", 2)
+    lo, hi = _parse_ts(start, "--start"), _parse_ts(end, "--end")
+    try:
+        con = store.connect(_db(db), read_only=True)
+    except store.StoreError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        row = con.execute(
+            "SELECT model_id FROM models WHERE ? IS NULL OR model_id = ?"
+            " ORDER BY created_at DESC LIMIT 1",
+            [model, model],
+        ).fetchone()
+        if row is None and model:
+            raise _fail(f"no model {model}")
+        scores = pd.DataFrame({"user_id": pd.Series(dtype=str), "score": pd.Series(dtype=float)})
+        if row is not None:
+            saved = alerts.saved_setting(con, str(row[0]))
+            if threshold is None:
+                threshold = saved.threshold if saved else alerts.DEFAULT_THRESHOLD
+            scores = alerts.active_scores(
+                con, str(row[0]), lo, hi, weight=saved.weight if saved else None
+            )[["user_id", "score"]]
+        threshold = alerts.DEFAULT_THRESHOLD if threshold is None else threshold
+        groups = rings.shared_entities_in_range(
+            con, lo, hi, scores, threshold, min_users=min_users, limit=1000
+        )
+    finally:
+        con.close()
+    if entity is not None:
+        groups = groups.loc[groups["entity"] == kinds[entity.lower()]].reset_index(drop=True)
+    summary = f"{len(groups):,} shared {entity or 'devices, cards and IPs'} ({min_users}+ users)"
+    if out is not None:
+        write_csv(groups, out)
+        _audit_export(db, None, "export_shared", out, {"rows": len(groups)})
+        typer.echo(f"wrote {summary} to {out}")
+        return
+    typer.echo(summary)
+    if not groups.empty:
+        shown = groups[["entity", "value", "users", "opened_together", "alerts", "top_user"]]
+        typer.echo(shown.head(50).to_string(index=False))
+
+
+@app.command()
 def evaluate(
     json_out: Annotated[
         Path, typer.Option("--json", help="Where to write the JSON report (markdown beside it).")

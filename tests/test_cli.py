@@ -12,11 +12,12 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from core import alerts, store
+from core import alerts, cases, store
 from core.cli import app
 
 FORMULA_USER = '=HYPERLINK("http://x","y")'
@@ -158,6 +159,32 @@ def test_ingest_skip_stored_loads_overlapping_exports_once(env: Path) -> None:
     result = invoke("ingest", "--skip-stored", str(inside))
     assert result.exit_code == 0, result.output
     assert "Every row was stored already" in result.output
+
+
+def test_shared_lists_entities_several_users_share_without_a_model(env: Path) -> None:
+    rows = ["user_id,ts,event_type,device_id,ip"]
+    rows += [f"old{i},2024-03-01T0{i}:00:00Z,view,d_old{i},10.0.0.1" for i in range(3)]
+    rows += [f"ring{i},2024-03-04T0{i}:00:00Z,signup,d_ring,10.0.0.{i + 2}" for i in range(4)]
+    log = env / "log.csv"
+    log.write_text("\n".join(rows) + "\n")
+    assert invoke("ingest", str(log)).exit_code == 0
+    result = invoke("shared")
+    assert result.exit_code == 0, result.output
+    assert "2 shared devices, cards and IPs (2+ users)" in result.output
+    lines = result.output.splitlines()
+    assert "d_ring" in lines[2] and "10.0.0.1" in lines[3]  # the device first, then the IP
+    result = invoke("shared", "--entity", "ip", "--min-users", "4")
+    assert result.exit_code == 0 and "0 shared ip (4+ users)" in result.output
+    out = env / "shared.csv"
+    result = invoke("shared", str(out), "--entity", "device")
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out)
+    assert frame["value"].tolist() == ["d_ring"] and frame["opened_together"].tolist() == [4]
+    with store.open_db(env / "cli.duckdb", read_only=True) as con:
+        trail = cases.audit_trail(con, target=f"file:{out}")
+    assert trail["action"].tolist() == ["export_shared"]
+    result = invoke("shared", "--entity", "phone")
+    assert result.exit_code == 2 and "device, card, IP" in result.output
 
 
 def test_commands_without_data_or_model_say_what_to_do(env: Path) -> None:
