@@ -445,6 +445,19 @@ def _sniff_delimiter(first_line: str, n_fields: int | None) -> str:
     return best if len(counts[best]) > 1 else ","
 
 
+_NUMBER = re.compile(r"[+-]?(\d+([.,]\d*)?|[.,]\d+)([eE][+-]?\d+)?")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}.*)?")
+
+
+def _looks_like_data(fields: list[str]) -> bool:
+    """A first line that is mostly numbers or dates is a row, not a header: no event log
+    names its columns 100692 or 1569888045 (headerless dumps such as Taobao's UserBehavior
+    are)."""
+    values = [f.strip().strip('"') for f in fields]
+    data = sum(bool(_NUMBER.fullmatch(v) or _DATE.fullmatch(v)) for v in values)
+    return len(values) >= 2 and data * 2 >= len(values)
+
+
 def _split_line(line: str, delimiter: str) -> list[str]:
     return next(csv.reader([line], delimiter=delimiter, quotechar='"'), [])
 
@@ -693,6 +706,25 @@ def _synonym_column(canon: str, lower: dict[str, list[str]], taken: set[str]) ->
     return None
 
 
+def suggested_mapping(found: list[str], resolved: dict[str, str] | None = None) -> dict[str, str]:
+    """canonical -> file column for every column a public log's usual name gives away
+    (schema.COLUMN_SYNONYMS), optional ones included: a hint that names only the required
+    columns loses item, category and session on the first try, and a file loads once."""
+    resolved = resolved or {}
+    lower: dict[str, list[str]] = {}
+    for name in found:
+        lower.setdefault(name.lower(), []).append(name)
+    taken = set(resolved.values())
+    likely: dict[str, str] = {}
+    for canon in schema.COLUMN_SYNONYMS:
+        if canon in resolved:
+            continue
+        if (hit := _synonym_column(canon, lower, taken)) is not None:
+            likely[canon] = hit
+            taken.add(hit)
+    return likely
+
+
 def _resolve_columns(
     found: list[str], mapping: dict[str, str] | None, what: str
 ) -> tuple[dict[str, str], list[str]]:
@@ -723,13 +755,12 @@ def _resolve_columns(
             resolved[canon] = lower[canon][0]
     missing = [c for c in schema.REQUIRED_COLUMNS if c not in resolved]
     if missing:
-        taken = set(resolved.values())
-        likely = {c: hit for c in missing if (hit := _synonym_column(c, lower, taken))}
-        example = ", ".join(f"{k}={v}" for k, v in likely.items()) or "ts=timestamp"
+        likely = suggested_mapping(found, resolved)
+        pairs = [f"{k}={v}" for k, v in likely.items()] or ["ts=timestamp"]
         raise IngestError(
             f"{what}: missing required column(s) {', '.join(missing)}; "
             f"columns found: {', '.join(found) or '(none)'}"
-            f" (map them, e.g. {example}; CLI: --map {example.split(', ')[0]})"
+            f" (map them, e.g. {', '.join(pairs)}; CLI: {' '.join('--map ' + p for p in pairs)})"
         )
     used = set(resolved.values())
     return resolved, [c for c in found if c not in used]
@@ -1583,6 +1614,15 @@ def _csv_source(
             )
         header = False
     else:
+        if _looks_like_data(fields):
+            raise IngestError(
+                f"{path.name}: the first line looks like data, not a header "
+                f"({', '.join(f.strip() for f in fields[:6])}{', …' if len(fields) > 6 else ''}):"
+                " read as a header it would be lost. Name the columns instead: CLI --no-header"
+                f" --columns {','.join(f'col{i + 1}' for i in range(len(fields)))} with the"
+                " names that fit (user_id, ts, event_type, ...); on the Data & model page tick"
+                " 'The file has no header row'"
+            )
         names = _unique_names(fields)
         header = True
     params = {

@@ -878,7 +878,40 @@ def test_missing_column_error_names_missing_and_found(con, tmp_path: Path) -> No
     log = write(tmp_path / "bgl.csv", "LineId,Timestamp,Node,Time,EventId\n1,1117838570,R02,x,E1\n")
     with pytest.raises(store.IngestError) as err:
         store.ingest_file(con, log)
-    assert "e.g. ts=Timestamp, event_type=EventId; CLI: --map ts=Timestamp" in str(err.value)
+    assert "e.g. ts=Timestamp, event_type=EventId; CLI: --map ts=Timestamp --map" in str(err.value)
+    # REES46: the hint names the optional columns too (a file loads once: a hint for ts
+    # alone would lose item, category and session for good)
+    rees = write(
+        tmp_path / "2019-Oct.csv",
+        "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,"
+        "user_session\n2019-10-01 00:00:00 UTC,view,44600062,2103807459595387724,,shiseido,"
+        "35.79,541312140,72d76fde-8bb3-4e00-8c23-a032dfed738c\n",
+    )
+    with pytest.raises(store.IngestError) as err:
+        store.ingest_file(con, rees)
+    assert (
+        "CLI: --map ts=event_time --map session_id=user_session --map item_id=product_id"
+        " --map category=category_id" in str(err.value)
+    )
+
+
+def test_a_headerless_file_is_not_read_as_one_with_a_header(con, tmp_path: Path) -> None:
+    # Taobao's UserBehavior.csv: no header, epoch seconds
+    rows = "100692,4167,1004,pv,1569888045\n100692,4167,1004,buy,1569888100\n"
+    path = write(tmp_path / "UserBehavior.csv", rows)
+    mapping = {"user_id": "100692", "ts": "1569888045", "event_type": "pv"}
+    with pytest.raises(store.IngestError) as err:
+        store.ingest_file(con, path, mapping=mapping)  # its first row taken for names
+    text = str(err.value)
+    assert "the first line looks like data, not a header (100692, 4167, 1004, pv" in text
+    assert "--no-header --columns col1,col2,col3,col4,col5" in text
+    assert con.execute("SELECT count(*) FROM ingest_batches").fetchone() == (0,)
+    names = ["user_id", "item_id", "category", "event_type", "ts"]
+    report = store.ingest_file(con, path, columns=names)
+    assert (report.rows_read, report.rows_accepted) == (2, 2)
+    # a header of names with a number among them is still a header
+    named = write(tmp_path / "named.csv", "user_id,ts,event_type,2024\nu1,2024-03-01,view,1\n")
+    assert store.ingest_file(con, named).rows_accepted == 1
 
 
 @pytest.mark.parametrize(
