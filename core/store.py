@@ -319,6 +319,8 @@ class IngestReport:
     duplicate_of: int | None
     seconds: float
     ignored_columns: list[str] = field(default_factory=list)
+    # --event-map keys no row of the file has (a typo renames nothing, silently otherwise)
+    unmatched_event_map: list[str] = field(default_factory=list)
 
     def message(self) -> str:
         name = Path(self.source).name or self.source
@@ -337,6 +339,12 @@ class IngestReport:
         text += f"; batch {self.batch_id}, {self.seconds:.2f} s."
         if self.ignored_columns:
             text += " Ignored columns: " + ", ".join(self.ignored_columns) + "."
+        if self.unmatched_event_map:
+            text += (
+                " The event map renames types no row has: "
+                + ", ".join(self.unmatched_event_map)
+                + " (a typo?)."
+            )
         if self.rows_read and not self.rows_accepted and self.all_stored_already:
             text += " Every row was stored already: nothing new."
         elif self.rows_read and not self.rows_accepted:
@@ -906,6 +914,7 @@ def _run_batch(
             _mark_duplicate_ids(con, src, params)
         if skip_stored:
             _mark_stored_rows(con, src, plans, event_map, params)
+        unmatched = _unmatched_event_map(con, src, plans, event_map, params)
         _step_done("read")
         n_rows, n_ok = _one(
             con.execute(
@@ -950,6 +959,7 @@ def _run_batch(
                 blanked,
             )
             con.commit()
+            report.unmatched_event_map = unmatched
         except BaseException:
             con.rollback()
             raise
@@ -1144,6 +1154,25 @@ def _reject_listed(
               FROM ({src.select_sql}) WHERE __n IN (SELECT __n FROM {listed})) d
         WHERE {_CHECKED}.__n = d.__n"""  # noqa: S608
     con.execute(fix, _used(fix, params))
+
+
+def _unmatched_event_map(
+    con: duckdb.DuckDBPyConnection,
+    src: _Source,
+    plans: dict[str, _Plan],
+    event_map: dict[str, str] | None,
+    params: dict[str, Any],
+) -> list[str]:
+    """The event map's keys that no row of the file has, in the map's order."""
+    if not event_map or "event_type" not in plans:
+        return []
+    if _keeps_values(src):
+        sql = f"SELECT DISTINCT v_event_type FROM {_CHECKED}"  # noqa: S608
+    else:
+        value = plans["event_type"].value
+        sql = f"SELECT DISTINCT CAST({value} AS VARCHAR) FROM ({src.select_sql})"  # noqa: S608
+    present = {row[0] for row in con.execute(sql, _used(sql, params)).fetchall()}
+    return [key for key in event_map if key not in present]
 
 
 STORED_REASON = "already stored (the same event came in an earlier file)"

@@ -616,9 +616,11 @@ def test_taobao_headerless_layout_with_columns(con, tmp_path: Path) -> None:
         con,
         path,
         columns=["user_id", "item_id", "category", "event_type", "ts"],
-        event_map=store.parse_event_map("pv=view,buy=purchase,fav=wishlist"),
+        event_map=store.parse_event_map("pv=view,buy=purchase,fav=wishlist,fvo=x"),
     )
     assert (report.rows_read, report.rows_accepted) == (5, 5)
+    assert report.unmatched_event_map == ["fvo"]  # a typo renames nothing: the report says so
+    assert "renames types no row has: fvo (a typo?)" in report.message()
     rows = con.execute("SELECT user_id, item_id, category, event_type, ts FROM events").fetchall()
     assert rows[0] == ("1", "2268318", "2520377", "view", datetime(2017, 11, 24, 17, 21, 10))
     assert {r[3] for r in rows} == {"view", "purchase", "cart", "wishlist"}
