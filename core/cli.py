@@ -106,6 +106,14 @@ def ingest(
             " event are quarantined as already stored instead of stored twice.",
         ),
     ] = False,
+    keep_repeats: Annotated[
+        bool,
+        typer.Option(
+            "--keep-repeats",
+            help="Store rows identical to a stored event again (without this or --skip-stored"
+            " such a file is refused).",
+        ),
+    ] = False,
     db: DbOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False,
 ) -> None:
@@ -147,6 +155,7 @@ def ingest(
                     ts_unit=ts_unit,  # type: ignore[arg-type]
                     decimal_comma=decimal_comma,
                     skip_stored=skip_stored,
+                    keep_repeats=keep_repeats,
                 )
             except store.StoreError as exc:
                 failures += 1

@@ -61,6 +61,7 @@ class UploadOptions:
     ts_unit: store.TsUnit = "auto"
     decimal_comma: bool = False
     skip_stored: bool = False
+    keep_repeats: bool = False
 
 
 @dataclass
@@ -200,6 +201,7 @@ def ingest_upload(
                 ts_unit=options.ts_unit,
                 decimal_comma=options.decimal_comma,
                 skip_stored=options.skip_stored,
+                keep_repeats=options.keep_repeats,
             )
             quarantined = con.execute(
                 "SELECT line, reason, raw FROM quarantine WHERE batch_id = ? ORDER BY line LIMIT ?",

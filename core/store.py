@@ -857,7 +857,7 @@ def _run_batch(
     event_map: dict[str, str] | None,
     ts_unit: TsUnit,
     decimal_comma: bool = False,
-    skip_stored: bool = False,
+    repeats: Repeats = "refuse",
 ) -> IngestReport:
     """Validate into connection-local temp tables, then write everything in one transaction.
 
@@ -912,8 +912,18 @@ def _run_batch(
             con.execute(f"UPDATE {_CHECKED} SET __n = rowid - ? + 1", [rowid0])  # noqa: S608
         if "event_id" in plans:
             _mark_duplicate_ids(con, src, params)
-        if skip_stored:
-            _mark_stored_rows(con, src, plans, event_map, params)
+        if repeats == "skip" or (repeats == "refuse" and _could_repeat(con, plans)):
+            n_seen = _find_stored_rows(con, src, plans, event_map, params)
+            if repeats == "skip":
+                _reject_listed(con, src, params, _SEEN, STORED_REASON)
+            elif n_seen:
+                raise IngestError(
+                    f"{Path(src.name).name}: {n_seen:,} rows repeat events already stored (same"
+                    " user, time and every value): the file overlaps one loaded before. Nothing"
+                    " was loaded. Ingest it again with --skip-stored to load only the new rows"
+                    " (the repeats go to quarantine), or --keep-repeats to store them twice"
+                    " (Data & model page: 'Rows already stored')"
+                )
         unmatched = _unmatched_event_map(con, src, plans, event_map, params)
         _step_done("read")
         n_rows, n_ok = _one(
@@ -1178,14 +1188,36 @@ def _unmatched_event_map(
 STORED_REASON = "already stored (the same event came in an earlier file)"
 
 
-def _mark_stored_rows(
+# What an ingest does with rows identical to stored events (files without event ids that
+# overlap earlier ones): refuse the file (nothing written, the message names the choice),
+# skip them (quarantined as already stored) or keep them (stored a second time).
+Repeats = Literal["refuse", "skip", "keep"]
+
+
+def repeats_choice(skip_stored: bool, keep_repeats: bool) -> Repeats:
+    if skip_stored and keep_repeats:
+        raise StoreError(
+            "choose one of --skip-stored and --keep-repeats (skip_stored, keep_repeats)"
+        )
+    return "skip" if skip_stored else "keep" if keep_repeats else "refuse"
+
+
+def _could_repeat(con: duckdb.DuckDBPyConnection, plans: dict[str, _Plan]) -> bool:
+    """Whether checking for repeats can find any: rows with their own event ids are told apart
+    by id (the duplicate-id check), and an empty store holds nothing to repeat."""
+    if "event_id" in plans:
+        return False
+    return _one(con.execute("SELECT count(*) > 0 FROM (SELECT 1 FROM events LIMIT 1)")) == (True,)
+
+
+def _find_stored_rows(
     con: duckdb.DuckDBPyConnection,
     src: _Source,
     plans: dict[str, _Plan],
     event_map: dict[str, str] | None,
     params: dict[str, Any],
-) -> None:
-    """With skip_stored: quarantine valid rows that repeat an event already in `events`.
+) -> int:
+    """Table _SEEN: the valid rows that repeat an event already in `events`; returns how many.
 
     Overlapping exports (yesterday's file covered 00:00-24:00, today's 18:00-18:00) have no
     event_id to tell a repeat from a new event, so a row is a repeat when every value it would
@@ -1244,7 +1276,8 @@ def _mark_stored_rows(
                    GROUP BY ALL)
         SELECT b.__n FROM b JOIN s ON {same} WHERE b.__k <= s.__m"""  # noqa: S608
     con.execute(sql, _used(sql, params))
-    _reject_listed(con, src, params, _SEEN, STORED_REASON)
+    row = _one(con.execute(f"SELECT count(*) FROM {_SEEN}"))  # noqa: S608
+    return int(row[0]) if row else 0
 
 
 def _sessionize(con: duckdb.DuckDBPyConnection, params: dict[str, Any]) -> None:
@@ -1569,15 +1602,18 @@ def ingest_file(
     delimiter: str | None = None,
     decimal_comma: bool = False,
     skip_stored: bool = False,
+    keep_repeats: bool = False,
 ) -> IngestReport:
     """Ingest a CSV (optionally .gz) or Parquet file as one batch; see the module docstring.
 
     `mapping` is canonical name -> source column; `columns` names the fields of a headerless
     CSV; `decimal_comma` reads prices written 12,99 or 1.234,50 (numbers stored as text).
-    Re-ingesting the same bytes is a no-op reported through `duplicate_of`; with
-    `skip_stored`, rows that repeat stored events (an overlapping export without event ids)
-    are quarantined as already stored instead of stored twice.
+    Re-ingesting the same bytes is a no-op reported through `duplicate_of`. Rows without
+    event ids that repeat stored events exactly (an overlapping export) make the file fail
+    with a message, nothing written, unless `skip_stored` (quarantine them as already
+    stored) or `keep_repeats` (store them again) says what to do.
     """
+    repeats = repeats_choice(skip_stored, keep_repeats)
     path = Path(path)
     if not path.is_file():
         raise IngestError(f"{path}: file not found")
@@ -1588,7 +1624,7 @@ def ingest_file(
     else:
         src = _csv_source(path, head, checksum, columns, delimiter)
     resolved, ignored = _resolve_columns(src.columns, mapping, path.name)
-    return _run_batch(con, src, resolved, ignored, event_map, ts_unit, decimal_comma, skip_stored)
+    return _run_batch(con, src, resolved, ignored, event_map, ts_unit, decimal_comma, repeats)
 
 
 def _parquet_source(con: duckdb.DuckDBPyConnection, path: Path, checksum: str) -> _Source:
@@ -1728,8 +1764,10 @@ def ingest_dataframe(
     event_map: dict[str, str] | None = None,
     ts_unit: TsUnit = "auto",
     skip_stored: bool = False,
+    keep_repeats: bool = False,
 ) -> IngestReport:
     """Ingest an in-memory frame as one batch, with the same rules as `ingest_file`."""
+    repeats = repeats_choice(skip_stored, keep_repeats)
     if isinstance(df, pd.DataFrame):
         frame = df.copy(deep=False)
         frame.columns = [str(c) for c in frame.columns]
@@ -1766,7 +1804,7 @@ def ingest_dataframe(
             rejects=False,
             header_lines=0,
         )
-        return _run_batch(con, src, resolved, ignored, event_map, ts_unit, skip_stored=skip_stored)
+        return _run_batch(con, src, resolved, ignored, event_map, ts_unit, repeats=repeats)
     finally:
         con.unregister(view)
 

@@ -99,11 +99,15 @@ def _ingest_form(db_path: str, upload: UploadedFile) -> None:
     decimal_comma = st.checkbox(
         "Decimal comma (12,99 or 1.234,50)", key=f"dm_decimal_{fid}", help="European exports."
     )
-    skip_stored = st.checkbox(
-        "Skip events already stored",
-        key=f"dm_skip_stored_{fid}",
-        help="For exports that overlap earlier ones and have no event_id: a row identical to a "
-        "stored event goes to quarantine as already stored instead of being stored twice.",
+    repeats = st.radio(
+        "Rows already stored",
+        ["refuse the file", "skip them", "store them again"],
+        key=f"dm_repeats_{fid}",
+        horizontal=True,
+        help="For exports without event_id that overlap earlier ones: rows identical to a "
+        "stored event (same user, time and every value). By default such a file is refused "
+        "with a count; 'skip them' quarantines them as already stored; 'store them again' "
+        "keeps genuine repeats.",
     )
     if not st.button("Validate and ingest", type="primary", key="dm_ingest"):
         return
@@ -113,7 +117,8 @@ def _ingest_form(db_path: str, upload: UploadedFile) -> None:
         columns,
         ts_unit,  # type: ignore[arg-type]
         decimal_comma,
-        skip_stored,
+        skip_stored=repeats == "skip them",
+        keep_repeats=repeats == "store them again",
     )
     with st.status(f"Ingesting {upload.name}…") as status:
         try:

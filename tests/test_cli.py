@@ -145,6 +145,10 @@ def test_ingest_skip_stored_loads_overlapping_exports_once(env: Path) -> None:
     overlap = env / "monday-tuesday.csv"
     overlap.write_text(header + "u1,2024-03-04T23:55:00Z,cart\nu1,2024-03-05T00:10:00Z,purchase\n")
     assert invoke("ingest", str(monday)).exit_code == 0
+    result = invoke("ingest", str(overlap))  # refused whole: the cart would be stored twice
+    assert result.exit_code == 1
+    assert "1 rows repeat events already stored" in result.output
+    assert "--skip-stored" in result.output and "--keep-repeats" in result.output
     result = invoke("ingest", "--skip-stored", "--json", str(overlap))
     assert result.exit_code == 0, result.output
     (report,) = json.loads(result.stdout)

@@ -126,8 +126,10 @@ def test_ingest_upload_maps_renames_quarantines_and_dedups(tmp_path: Path) -> No
     )
     assert again.quarantined.empty
 
-    # An export overlapping this one, uploaded with "Skip events already stored"
+    # An export overlapping this one: refused as it is, loaded with "Rows already stored: skip"
     overlap = CSV + b"2024-03-02T00:00:00,u9,pv,3\n"
+    with pytest.raises(store.IngestError, match="3 rows repeat events already stored"):
+        datamodel.ingest_upload(db, overlap, "overlap.csv", options)
     skipping = datamodel.UploadOptions(**{**vars(options), "skip_stored": True})
     later = datamodel.ingest_upload(db, overlap, "overlap.csv", skipping)
     assert later.report.rows_accepted == 1  # u9's new event; the two bad rows fail again

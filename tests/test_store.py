@@ -399,9 +399,17 @@ def test_skip_stored_quarantines_the_overlap_of_exports_without_event_ids(
         ("u3", "view", 1.0, 1),
     ]
 
-    # Without the option every row is stored again: a file can hold genuine repeats.
-    again = store.ingest_file(con, export("again", first_day[:1]), **options)
-    assert again.rows_accepted == 1 and not again.reasons
+    # Without an option the file is refused whole and says what to choose; nothing is written
+    before = snapshot(con)
+    again = export("again", first_day[:1] + overlap[-1:])
+    with pytest.raises(store.IngestError, match=r"again\.\w+: 2 rows repeat events already"):
+        store.ingest_file(con, again, **options)
+    assert snapshot(con) == before
+    # --keep-repeats: a log can hold genuine repeats; stored again as asked
+    kept = store.ingest_file(con, again, keep_repeats=True, **options)
+    assert kept.rows_accepted == 2 and not kept.reasons
+    with pytest.raises(store.StoreError, match="one of --skip-stored and --keep-repeats"):
+        store.ingest_file(con, again, skip_stored=True, keep_repeats=True, **options)
 
 
 def test_skip_stored_compares_every_stored_value(con) -> None:
@@ -423,7 +431,7 @@ def test_skip_stored_compares_every_stored_value(con) -> None:
 def test_generated_event_ids_continue_after_existing_ones(con) -> None:
     df = pd.DataFrame({"ts": [T0, T0], "user_id": ["a", "b"], "event_type": ["v", "v"]})
     store.ingest_dataframe(con, df.assign(event_id=[100, 101]), source="first")
-    store.ingest_dataframe(con, df, source="second")
+    store.ingest_dataframe(con, df, source="second", keep_repeats=True)
     ids = con.execute("SELECT event_id FROM events WHERE batch_id = 2 ORDER BY 1").fetchall()
     assert ids == [(102,), (103,)]
 
