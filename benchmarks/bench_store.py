@@ -65,7 +65,8 @@ def make_event_files(n_rows: int, directory: Path) -> tuple[Path, Path]:
 
 def make_small_batches(path: Path, count: int, rows: int) -> list[Path]:
     """`count` Parquet files of about `rows` rows each, drawn from every user, without event ids
-    (ingest assigns them)."""
+    (ingest assigns them), each event a second later than the one it copies: new events, as
+    an analyst's upload brings (exact copies would be refused as an overlapping export)."""
     con = duckdb.connect()
     n = int(con.execute("SELECT count(*) FROM read_parquet(?)", [str(path)]).fetchone()[0])
     stride = max(n // rows, count + 1)
@@ -74,7 +75,8 @@ def make_small_batches(path: Path, count: int, rows: int) -> list[Path]:
         part = path.with_name(f"{path.stem}_small{k}.parquet")
         # Trusted literals only: our own temp paths and ints.
         con.execute(
-            f"COPY (SELECT * EXCLUDE (event_id) FROM read_parquet('{path}')"  # noqa: S608
+            f"COPY (SELECT * EXCLUDE (event_id, ts), ts + INTERVAL 1 SECOND AS ts"  # noqa: S608
+            f" FROM read_parquet('{path}')"
             f" WHERE event_id % {stride} = {k}) TO '{part}' (FORMAT parquet)"
         )
         out.append(part)
