@@ -11,7 +11,7 @@ import streamlit as st
 from core import store
 from core.charts import blank_figure
 from core.config import get_settings
-from pages._shared import DEFAULT_THRESHOLD, dataset_span, models_list, saved_threshold
+from pages._shared import dataset_span, models_list, saved_threshold
 
 st.set_page_config(page_title="fraudlens", page_icon=":material/policy:", layout="wide")
 
@@ -105,8 +105,7 @@ try:
                     state["model_id"] = ids[0]
                 st.selectbox("Model", ids, key="model_id")
                 if "threshold" not in state:
-                    saved = saved_threshold(state["db_path"], state["model_id"])
-                    state["threshold"] = saved if saved is not None else DEFAULT_THRESHOLD
+                    state["threshold"] = saved_threshold(state["db_path"], state["model_id"])
                 st.number_input(
                     "Alert threshold (combined score)",
                     key="threshold",

@@ -81,6 +81,29 @@ _RANGE_SQL = _range_sql()
 
 # The alert threshold in use when none has been saved for the model (dashboard and CLI).
 DEFAULT_THRESHOLD = 0.9
+# The same for a model trained without labels, whose score is the unsupervised percentile
+# itself: 0.9 would alert a tenth of all users on any data (a queue nobody can work through);
+# 0.99 is the 1% alert budget the evaluation reports recall at.
+UNSUPERVISED_DEFAULT_THRESHOLD = 0.99
+
+
+def default_threshold(con: duckdb.DuckDBPyConnection, model_id: str | None) -> float:
+    """DEFAULT_THRESHOLD, or UNSUPERVISED_DEFAULT_THRESHOLD for a model trained without
+    labels (its metrics say ``"supervised": false``)."""
+    if model_id is None:
+        return DEFAULT_THRESHOLD
+    row = con.execute(
+        "SELECT json_extract(metrics, '$.supervised') FROM models WHERE model_id = ?",
+        [model_id],
+    ).fetchone()
+    supervised = row is None or row[0] is None or str(row[0]).lower() != "false"
+    return DEFAULT_THRESHOLD if supervised else UNSUPERVISED_DEFAULT_THRESHOLD
+
+
+def threshold_in_use(con: duckdb.DuckDBPyConnection, model_id: str | None) -> float:
+    """The threshold last saved for the model, else its default."""
+    saved = saved_setting(con, model_id) if model_id is not None else None
+    return saved.threshold if saved is not None else default_threshold(con, model_id)
 
 
 def active_scores(

@@ -534,15 +534,14 @@ def export_cases(
                     raise _fail("--evidence writes one case: give exactly one --case", 2)
                 n = cases.export_evidence(con, ids[0], out, model_id=model_id, analyst=who)
             else:
-                if threshold is None and model_id is not None:
-                    saved = alerts.saved_setting(con, model_id)
-                    threshold = saved.threshold if saved else alerts.DEFAULT_THRESHOLD
+                if threshold is None:
+                    threshold = alerts.threshold_in_use(con, model_id)
                 n = cases.export_cases(
                     con,
                     ids,
                     out,
                     model_id=model_id,
-                    threshold=alerts.DEFAULT_THRESHOLD if threshold is None else threshold,
+                    threshold=threshold,
                     analyst=who,
                 )
     except (cases.CaseError, store.StoreError) as exc:
@@ -588,8 +587,7 @@ def watchlist(
             raise _fail(f"no model {model}" if model else "no trained model; run `fraudlens train`")
         model_id = str(row[0])
         if threshold is None:
-            saved = alerts.saved_setting(con, model_id)
-            threshold = saved.threshold if saved else alerts.DEFAULT_THRESHOLD
+            threshold = alerts.threshold_in_use(con, model_id)
         listed = alerts.novelty_watchlist(
             con, model_id, lo, hi, threshold, min_percentile=level, limit=None
         )
@@ -656,7 +654,7 @@ def shared(
         if row is not None:
             saved = alerts.saved_setting(con, str(row[0]))
             if threshold is None:
-                threshold = saved.threshold if saved else alerts.DEFAULT_THRESHOLD
+                threshold = alerts.threshold_in_use(con, str(row[0]))
             scores = alerts.active_scores(
                 con, str(row[0]), lo, hi, weight=saved.weight if saved else None
             )[["user_id", "score"]]
@@ -814,7 +812,7 @@ def explain(
         loaded = _load_or_fail(model_path, model)
         with store.open_db(path, read_only=True) as con:
             saved = alerts.saved_setting(con, loaded.model_id)  # type: ignore[attr-defined]
-        threshold = saved.threshold if saved is not None else alerts.DEFAULT_THRESHOLD
+            threshold = alerts.threshold_in_use(con, loaded.model_id)  # type: ignore[attr-defined]
         explanation = explain_user(
             path,
             loaded,  # type: ignore[arg-type]

@@ -47,13 +47,10 @@ def models_list(db_path: str) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=30, max_entries=16, show_spinner=False)
-def saved_threshold(db_path: str, model_id: str) -> float | None:
+def saved_threshold(db_path: str, model_id: str) -> float:
+    """The threshold saved for the model, else its default (alerts.threshold_in_use)."""
     with store.open_db(db_path) as con:
-        rows = con.execute(
-            "SELECT threshold FROM thresholds WHERE model_id = ? ORDER BY saved_at DESC LIMIT 1",
-            [model_id],
-        ).fetchall()
-    return float(rows[0][0]) if rows else None
+        return alerts.threshold_in_use(con, model_id)
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
