@@ -291,7 +291,7 @@ def finetune(
     val: Windows | None = None,
     val_labels: np.ndarray | None = None,
     progress: bool = True,
-) -> dict[str, float | int]:
+) -> dict[str, float | int | str | None]:
     """Train the sequence head (and the backbone) on labels, keeping the next-event loss.
 
     Fraud is rare: each epoch takes every fraud window and a fresh draw of legit ones
@@ -360,14 +360,22 @@ def finetune(
                 break
     if best_weights is not None:
         model.load_state_dict(best_weights)
-    return {
+    out: dict[str, float | int | str | None] = {
         "finetune_epochs": epochs_run,
         "finetune_best_epoch": best_epoch if validate else epochs_run,
-        "finetune_val_loss": best_loss if validate else math.nan,
+        "finetune_val_loss": best_loss if validate else None,
         "finetune_val_history": history,  # type: ignore[dict-item]
         "positives": int(positives),
         "pos_weight": float(pos_weight),
     }
+    if not validate:
+        # Few labels: the validation users may hold no labelled fraud (or no legit), and then
+        # nothing tells a good epoch from an overfit one. Say so where the metrics are read.
+        out["finetune_unvalidated"] = (
+            f"the validation users hold no labelled fraud or no labelled legit user: all "
+            f"{epochs_run} epochs ran without early stopping; label more users and retrain"
+        )
+    return out
 
 
 def training_labels(
@@ -526,7 +534,11 @@ def train_model(
     reference.save(path)
     (path / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
-    (path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    # Strict JSON (no NaN: other tools' parsers refuse it)
+    metrics = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()
+    }
+    (path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str, allow_nan=False))
     if register:  # evaluation runs train throw-away models that analysts should not see
         with store.using(db) as con:
             register_model(con, model_id, path, cfg, metrics)

@@ -3,6 +3,7 @@ checkpoints, ranged scoring, the supervised switch, and fraud scoring above norm
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -630,6 +631,24 @@ def test_finetuning_learns_a_planted_signal_and_keeps_its_best_validation_epoch(
     with torch.no_grad():
         logits = model(fields=torch.from_numpy(val.fields.astype(np.int64))).sequence_logit
     assert roc_auc_score(y_val, logits.numpy()) > 0.9
+
+
+def test_finetuning_without_validation_labels_of_both_kinds_says_it_could_not_stop_early() -> None:
+    from core.model import BehaviorConfig, BehaviorModel
+    from core.train import finetune
+
+    torch.manual_seed(0)
+    model = BehaviorModel(BehaviorConfig.from_size("tiny", dict.fromkeys(FIELDS, 12), max_len=32))
+    train, y_train = _planted_windows(40, seed=0)
+    val, _ = _planted_windows(10, seed=1)
+    cfg = TrainConfig(size="tiny", batch_size=16, supervised_epochs=2)
+    metrics = finetune(
+        model, train, y_train, cfg, device=torch.device("cpu"), val=val,
+        val_labels=np.zeros(len(val.fields)), progress=False,
+    )  # fmt: skip
+    assert metrics["finetune_epochs"] == 2 and metrics["finetune_val_loss"] is None
+    assert "without early stopping" in str(metrics["finetune_unvalidated"])
+    json.dumps(metrics, allow_nan=False)  # strict JSON
 
 
 def test_a_model_whose_stored_path_is_stale_is_found_in_the_models_folder(
