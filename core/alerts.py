@@ -126,7 +126,7 @@ def active_scores(
         " AND (?::VARCHAR[] IS NULL OR bool_or(list_contains(?::VARCHAR[], country))))"
         " SELECT act.user_id, act.events, act.last_seen, s.percentile_unsupervised AS percentile,"
         " s.score_supervised AS supervised, s.score_aggregate AS aggregate,"
-        " s.score AS stored_score FROM act"
+        " s.score AS stored_score, s.score_unsupervised AS __rarity FROM act"
         " LEFT JOIN sequence_scores s ON s.user_id = act.user_id AND s.model_id = ?"
         " AND s.window_start IS NULL AND s.window_end IS NULL"
     )
@@ -148,10 +148,15 @@ def active_scores(
         frame = con.execute(sql, params).df()
     frame["scored"] = frame["stored_score"].notna()
     frame["score"] = _combined(frame, weight)
-    frame = frame.drop(columns="stored_score")
-    return frame.sort_values(
-        ["score", "user_id"], ascending=[False, True], na_position="last", ignore_index=True
+    # Ties in the score (every user beyond the training users shares percentile 1) go by the
+    # raw unsupervised score, how far beyond, rather than by the user id's spelling.
+    frame = frame.sort_values(
+        ["score", "__rarity", "user_id"],
+        ascending=[False, False, True],
+        na_position="last",
+        ignore_index=True,
     )
+    return frame.drop(columns=["stored_score", "__rarity"])
 
 
 def _combined(frame: pd.DataFrame, weight: float | None) -> np.ndarray:

@@ -52,9 +52,12 @@ def user_scores_frame(con: duckdb.DuckDBPyConnection, model_id: str | None = Non
     frame = con.execute(
         "SELECT user_id, model_id, score_unsupervised, percentile_unsupervised, score_supervised,"
         " score_aggregate, score, "
-        "rank() OVER (ORDER BY score DESC) AS rank, n_events "
+        # Ties in the score (users beyond every training user share percentile 1) are broken
+        # by the raw unsupervised score: how far beyond, not the user id's spelling.
+        "row_number() OVER (ORDER BY score DESC NULLS LAST, score_unsupervised DESC NULLS LAST,"
+        " user_id) AS rank, n_events "
         "FROM sequence_scores WHERE model_id = ? AND window_start IS NULL AND window_end IS NULL "
-        "ORDER BY rank, user_id",
+        "ORDER BY rank",
         [model_id],
     ).df()
     if frame.empty:

@@ -358,3 +358,30 @@ def test_a_model_without_labels_alerts_on_the_rarest_percent_by_default(tmp_path
     alerts.save_threshold(con, "without", 0.95, 1 / 3, "tess")
     assert alerts.threshold_in_use(con, "without") == 0.95  # a saved one wins
     con.close()
+
+
+def test_users_tied_at_the_top_percentile_rank_by_how_far_beyond_they_are(tmp_path) -> None:
+    from core.export import user_scores_frame
+
+    con = store.connect(tmp_path / "t.duckdb")
+    t0 = datetime(2024, 3, 1)
+    frame = pd.DataFrame(
+        {"user_id": ["a", "b", "c", "d"], "ts": [t0] * 4, "event_type": ["view"] * 4}
+    )
+    store.ingest_dataframe(con, frame, source="f")
+    # beyond every training user, all three share percentile 1 (the score of an unlabelled
+    # model); their raw scores say how far beyond
+    rows = [("a", 20.0, 1.0), ("b", 34.7, 1.0), ("c", 33.7, 1.0), ("d", 5.0, 0.6)]
+    for user, raw, pct in rows:
+        con.execute(
+            "INSERT INTO sequence_scores (user_id, model_id, n_events, score_unsupervised,"
+            " percentile_unsupervised, score) VALUES (?, 'm', 1, ?, ?, ?)",
+            [user, raw, pct, pct],
+        )
+    con.execute("INSERT INTO models (model_id, created_at, path) VALUES ('m', now(), 'x')")
+    ranked = alerts.active_scores(con, "m", None, None)
+    assert ranked["user_id"].tolist() == ["b", "c", "a", "d"]
+    exported = user_scores_frame(con, "m")
+    assert exported["user_id"].tolist() == ["b", "c", "a", "d"]
+    assert exported["rank"].tolist() == [1, 2, 3, 4]
+    con.close()
