@@ -886,6 +886,8 @@ def _explanation_json(
 
 
 def _print_explanation(explanation: Explanation, summary: Summary, threshold_source: str) -> None:
+    from core.narrate import percent_text
+
     facts, att = explanation.facts, explanation.attribution
     span = (
         f"{facts.start or 'the first event'} .. {facts.end or 'the last event'}"
@@ -895,7 +897,8 @@ def _print_explanation(explanation: Explanation, summary: Summary, threshold_sou
     typer.echo(f"user         {facts.user_id}  ({facts.n_events:,} events, {span})")
     typer.echo(f"model        {facts.model_id}")
     side = "ABOVE" if facts.above_threshold else "below"
-    pct = "n/a" if facts.percentile is None else f"{facts.percentile:.1%}"
+    # the summary's own wording: '.1%' printed 0.9998 as 100.0% beside a summary's 99.98%
+    pct = "n/a" if facts.percentile is None else percent_text(facts.percentile)
     typer.echo(
         f"score        {facts.score:.3f} ({side} the {threshold_source} threshold "
         f"{facts.threshold:.2f}); unsupervised percentile {pct}"

@@ -287,7 +287,7 @@ def _fmt(value: float, min_decimals: int = 2) -> str:
     return f"{value:,.{min_decimals}f}"
 
 
-def _pct(share: float) -> str:
+def percent_text(share: float) -> str:
     """0.4137 -> '41%'; a decimal or two where rounding would say 0% or 100% falsely."""
     for decimals in range(0, 3):
         x = round(share * 100, decimals)
@@ -449,7 +449,7 @@ def facts_text(facts: Facts) -> str:
     score, threshold = _fmt_apart(facts.score, facts.threshold)
     lines.append(f"score: {score} ({side} the alert threshold {threshold})")
     if facts.percentile is not None:
-        p = _pct(facts.percentile)
+        p = percent_text(facts.percentile)
         lines.append(
             f"unsupervised percentile: {p} (its behaviour is more unusual than {p} of the "
             "training users; not a rank of the score above)"
@@ -460,7 +460,7 @@ def facts_text(facts: Facts) -> str:
             detail = ", ".join(f"{k}={v}" for k, v in e.fields.items())
             lines.append(
                 f"- event {e.event_id} at {e.ts:%Y-%m-%d %H:%M:%S}: {e.event_type}, "
-                f"{_pct(e.weight)}, field that mattered most: {e.top_field or 'n/a'}"
+                f"{percent_text(e.weight)}, field that mattered most: {e.top_field or 'n/a'}"
                 + (f"; {detail}" if detail else "")
             )
     if facts.counterfactual is not None:
@@ -547,7 +547,7 @@ class TemplateNarrator:
         sentences = [f"{head} ({scope}, model {facts.model_id})."]
         if facts.percentile is not None:
             # The percentile ranks the unsupervised score alone, not the score shown above.
-            p = _pct(facts.percentile)
+            p = percent_text(facts.percentile)
             sentences.append(
                 f"Its unsupervised percentile is {p}: more unusual than {p} of training users."
             )
@@ -557,7 +557,7 @@ class TemplateNarrator:
             for e in facts.top_events[:5]:
                 what = _top_field_phrase(e, facts)
                 why = f", driven by {what}" if what else ""
-                parts.append(f"{_when(e.ts)} {e.event_type} ({_pct(e.weight)}{why})")
+                parts.append(f"{_when(e.ts)} {e.event_type} ({percent_text(e.weight)}{why})")
             sentences.append("The events that weigh most: " + "; ".join(parts) + ".")
         else:
             sentences.append("No single event stands out in the attribution.")
