@@ -416,23 +416,32 @@ def _analyst(analyst: str | None) -> str:
 def export_scores(
     out: Annotated[Path, typer.Argument(help="CSV file to write.")],
     model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    start: Annotated[
+        str | None, typer.Option(help="The window a ranged `fraudlens score` scored: its start.")
+    ] = None,
+    end: Annotated[str | None, typer.Option(help="... and its end.")] = None,
     analyst: AnalystOption = None,
     db: DbOption = None,
 ) -> None:
-    """Write the stored per-user scores of a model to CSV, ranked by score (audited)."""
+    """Write the stored per-user scores of a model to CSV, ranked by score (audited): the
+    full-history scores, or with --start / --end those of that scored window."""
     from core.export import export_user_scores
 
+    start_ts, end_ts = _parse_ts(start, "--start"), _parse_ts(end, "--end")
     try:
         con = store.connect(_db(db), read_only=True)
     except store.StoreError as exc:
         raise _fail(str(exc)) from None
     try:
-        n = export_user_scores(con, out, model_id=model)
+        n = export_user_scores(con, out, model_id=model, start=start_ts, end=end_ts)
     except ValueError as exc:
         raise _fail(str(exc)) from None
     finally:
         con.close()
-    _audit_export(db, analyst, "export_scores", out, {"rows": n, "model": model or "newest"})
+    detail: dict[str, Any] = {"rows": n, "model": model or "newest"}
+    if start_ts or end_ts:
+        detail["window"] = [str(start_ts) if start_ts else None, str(end_ts) if end_ts else None]
+    _audit_export(db, analyst, "export_scores", out, detail)
     typer.echo(f"wrote {n:,} users to {out}")
 
 

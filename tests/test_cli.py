@@ -111,6 +111,22 @@ def test_the_whole_flow_on_a_tiny_world(env: Path) -> None:
     assert scores == sorted(scores, reverse=True) and rows[0]["rank"] == "1"
     assert sum(int(r["n_events"]) for r in rows) == n_demo_events + 4
 
+    # a window's scores: refused until that window is scored, then exported with its bounds
+    window = ("--start", "2026-10-02", "--end", "2026-10-03")
+    out = env / "export" / "window.csv"
+    result = invoke("export-scores", str(out), *window)
+    assert result.exit_code != 0 and "no scores stored for the window" in result.output
+    assert invoke("score", *window).exit_code == 0
+    result = invoke("export-scores", str(out), *window)
+    assert result.exit_code == 0, result.output
+    with out.open(newline="") as fh:
+        ranged = list(csv.DictReader(fh))
+    assert ranged and {(r["window_start"], r["window_end"]) for r in ranged} == {
+        ("2026-10-02", "2026-10-03")  # pandas writes midnight timestamps as dates
+    }
+    assert "newcomer" in {r["user_id"] for r in ranged}
+    assert len(ranged) < len(rows)  # the users active in that day only
+
     with store.open_db(db_path, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM quarantine").fetchone() == (2,)
         assert con.execute("SELECT count(*) FROM models").fetchone() == (1,)
