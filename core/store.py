@@ -454,6 +454,7 @@ def _sniff_delimiter(first_line: str, n_fields: int | None) -> str:
 
 
 _NUMBER = re.compile(r"[+-]?(\d+([.,]\d*)?|[.,]\d+)([eE][+-]?\d+)?")
+_EPOCH = re.compile(r"\d{9,13}(\.\d+)?")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}.*)?")
 
 
@@ -462,7 +463,9 @@ def _looks_like_data(fields: list[str]) -> bool:
     names its columns 100692 or 1569888045 (headerless dumps such as Taobao's UserBehavior
     are)."""
     values = [f.strip().strip('"') for f in fields]
-    data = sum(bool(_NUMBER.fullmatch(v) or _DATE.fullmatch(v)) for v in values)
+    if any(_DATE.fullmatch(v) or _EPOCH.fullmatch(v) for v in values):
+        return True  # no column is named 2024-01-01 or 1569888045
+    data = sum(bool(_NUMBER.fullmatch(v)) for v in values)
     return len(values) >= 2 and data * 2 >= len(values)
 
 
@@ -912,7 +915,10 @@ def _run_batch(
             con.execute(f"UPDATE {_CHECKED} SET __n = rowid - ? + 1", [rowid0])  # noqa: S608
         if "event_id" in plans:
             _mark_duplicate_ids(con, src, params)
-        if repeats == "skip" or (repeats == "refuse" and _could_repeat(con, plans)):
+        # rows with their own event ids are told apart by id (the duplicate-id check above)
+        if "event_id" not in plans and (
+            repeats == "skip" or (repeats == "refuse" and _could_repeat(con, plans))
+        ):
             n_seen = _find_stored_rows(con, src, plans, event_map, params)
             if repeats == "skip":
                 _reject_listed(con, src, params, _SEEN, STORED_REASON)
@@ -1203,11 +1209,8 @@ def repeats_choice(skip_stored: bool, keep_repeats: bool) -> Repeats:
 
 
 def _could_repeat(con: duckdb.DuckDBPyConnection, plans: dict[str, _Plan]) -> bool:
-    """Whether checking for repeats can find any: rows with their own event ids are told apart
-    by id (the duplicate-id check), and a repeat needs a stored event at the same user and
-    time."""
-    if "event_id" in plans:
-        return False
+    """Whether checking for repeats can find any: a repeat needs a stored event at the same
+    user and time."""
     # A repeat has a stored event's user and time: one join on those two keys (the batch's
     # side is hashed, events scanned once on two columns) rules most batches out before the
     # full comparison, which reads every column of the batch users' events.
@@ -1236,10 +1239,12 @@ def _find_stored_rows(
     store m times, the first m are skipped and the other k - m kept, so genuine identical
     events (a log line repeated within a second) are not collapsed.
     """
+    # The session is left out: a blank one is stored as the derived user:start value, and an
+    # event re-exported under another session id is still the same event.
     compared = [
         c
         for c in schema.COLUMN_TYPES
-        if c in plans and c not in ("user_id", "ts", "event_id", "batch_id")
+        if c in plans and c not in ("user_id", "ts", "event_id", "batch_id", "session_id")
     ]
     absent = [
         c

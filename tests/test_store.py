@@ -428,6 +428,31 @@ def test_skip_stored_compares_every_stored_value(con) -> None:
     assert con.execute("SELECT count(*) FROM events").fetchone() == (3,)
 
 
+def test_repeat_checks_leave_rows_with_event_ids_to_the_id_check(con) -> None:
+    row = {"ts": [T0], "user_id": ["u1"], "event_type": ["view"]}
+    store.ingest_dataframe(con, pd.DataFrame({**row, "event_id": [1]}), source="first")
+    same_values = pd.DataFrame({**row, "event_id": [1]}).iloc[[0, 0]].assign(event_id=[2, 3])
+    report = store.ingest_dataframe(con, same_values, source="new ids", skip_stored=True)
+    assert report.rows_accepted == 2 and not report.reasons  # new ids are new events
+    ids = con.execute("SELECT event_id FROM events ORDER BY 1").fetchall()
+    assert ids == [(1,), (2,), (3,)]
+
+
+def test_a_blank_session_does_not_hide_a_repeat(con, tmp_path: Path) -> None:
+    # the stored copy's session is derived (u1:...), the file's is blank
+    text = (
+        "user_id,ts,event_type,session_id\n"
+        "u1,2024-03-01T10:00:00,view,\n"
+        "u1,2024-03-01T10:01:00,cart,s9\n"
+    )
+    store.ingest_file(con, write(tmp_path / "a.csv", text))
+    again = write(tmp_path / "b.csv", text + "u2,2024-03-01T11:00:00,view,\n")
+    with pytest.raises(store.IngestError, match="2 rows repeat events already stored"):
+        store.ingest_file(con, again)
+    report = store.ingest_file(con, again, skip_stored=True)
+    assert (report.rows_read, report.rows_accepted, report.rows_quarantined) == (3, 1, 2)
+
+
 def test_generated_event_ids_continue_after_existing_ones(con) -> None:
     df = pd.DataFrame({"ts": [T0, T0], "user_id": ["a", "b"], "event_type": ["v", "v"]})
     store.ingest_dataframe(con, df.assign(event_id=[100, 101]), source="first")
@@ -919,6 +944,10 @@ def test_a_headerless_file_is_not_read_as_one_with_a_header(con, tmp_path: Path)
     names = ["user_id", "item_id", "category", "event_type", "ts"]
     report = store.ingest_file(con, path, columns=names)
     assert (report.rows_read, report.rows_accepted) == (2, 2)
+    # a date or an epoch time is never a column name, even beside two names
+    dated = write(tmp_path / "dated.csv", "2024-01-01,u1,view\n2024-01-02,u2,view\n")
+    with pytest.raises(store.IngestError, match="looks like data"):
+        store.ingest_file(con, dated)
     # a header of names with a number among them is still a header
     named = write(tmp_path / "named.csv", "user_id,ts,event_type,2024\nu1,2024-03-01,view,1\n")
     assert store.ingest_file(con, named).rows_accepted == 1
