@@ -26,6 +26,8 @@ ENTITY_LABELS: dict[str, str] = {"device_id": "device", "ip": "IP", "payment_id"
 # already a lead; an IP is shared by every household, office and mobile carrier behind it.
 ENTITY_ORDER: tuple[str, ...] = ("device", "card", "IP")
 MIN_SHARED_USERS = 2
+# The user ids a row lists (highest score first); a NAT address may have thousands.
+SHOWN_USERS = 50
 # Accounts whose first stored events fall within this window count as opened together.
 TOGETHER_HOURS = 24.0
 
@@ -79,12 +81,13 @@ def shared_entities_in_range(
         " max(ts) AS last_seen, list(DISTINCT user_id) AS user_ids"
         f" FROM ({' UNION ALL '.join(parts)}) GROUP BY entity, value"
         " HAVING count(DISTINCT user_id) >= ?"
-        " QUALIFY row_number() OVER (PARTITION BY entity ORDER BY users DESC, value) <= ?"
     )
     params: list[object] = []
     for _ in schema.ENTITY_COLUMNS:
         params += [start, start, end, end]
-    groups = con.execute(sql, [*params, int(min_users), int(limit)]).df()
+    # Every shared entity is ranked before the limit applies: cutting by users first hid a
+    # two-account ring behind hundreds of three-person households.
+    groups = con.execute(sql, [*params, int(min_users)]).df()
     if groups.empty:
         return pd.DataFrame(columns=COLUMNS)
 
@@ -126,7 +129,8 @@ def shared_entities_in_range(
                 "opened_together": opened_together(opened, TOGETHER_HOURS),
                 "first_seen": group.first_seen,
                 "last_seen": group.last_seen,
-                "user_ids": ", ".join(ids),
+                "user_ids": ", ".join(ids[:SHOWN_USERS])
+                + (f", … ({len(ids) - SHOWN_USERS:,} more)" if len(ids) > SHOWN_USERS else ""),
             }
         )
     out = pd.DataFrame(rows, columns=COLUMNS)
@@ -136,7 +140,8 @@ def shared_entities_in_range(
         ascending=[True, False, False, False, True],
         ignore_index=True,
     )
-    return out.drop(columns="_kind")
+    top = out.groupby("_kind", sort=True).head(int(limit))
+    return top.drop(columns="_kind").reset_index(drop=True)
 
 
 def opened_together(first_seen: list[datetime], hours: float) -> int:

@@ -87,3 +87,22 @@ def test_opened_together_counts_the_fullest_window() -> None:
     assert rings.opened_together(times, 100) == 6
     assert rings.opened_together(times[:1], 24) == 1
     assert rings.opened_together([], 24) == 0
+
+
+def test_the_limit_applies_after_ranking(tmp_path: Path) -> None:
+    rows = []
+    for family in range(6):  # three-person households, accounts years apart in the log
+        for member in range(3):
+            at = T0 + timedelta(days=2 + 10 * member)
+            rows.append((f"f{family}_{member}", at, f"dev_family{family}"))
+    for member in range(2):  # a two-account ring, minutes apart
+        rows.append((f"ring{member}", T0 + timedelta(days=5, minutes=5 * member), "dev_ring"))
+    rows.append(("early", T0, "dev_other"))  # the log's first event
+    frame = pd.DataFrame(rows, columns=["user_id", "ts", "device_id"]).assign(event_type="view")
+    con = store.connect(tmp_path / "limit.duckdb")
+    store.ingest_dataframe(con, frame, source="rows")
+    empty = pd.DataFrame({"user_id": pd.Series(dtype=str), "score": pd.Series(dtype=float)})
+    top = rings.shared_entities_in_range(con, None, None, empty, 0.9, limit=3)
+    assert top["value"].tolist()[:1] == ["dev_ring"] and len(top) == 3
+    assert top["alerts"].tolist() == [0, 0, 0] and top["max_score"].isna().all()
+    con.close()
