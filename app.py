@@ -104,8 +104,12 @@ try:
                 if state.get("model_id") not in ids:
                     state["model_id"] = ids[0]
                 st.selectbox("Model", ids, key="model_id")
-                if "threshold" not in state:
+                # Each model has its threshold (saved, else 0.90 / 0.99 without labels): a
+                # switch of model, here or by "Use" on Data & model, loads the new one's.
+                switched = state.get("_threshold_of") not in (None, state["model_id"])
+                if "threshold" not in state or switched:
                     state["threshold"] = saved_threshold(state["db_path"], state["model_id"])
+                state["_threshold_of"] = state["model_id"]
                 st.number_input(
                     "Alert threshold (combined score)",
                     key="threshold",

@@ -93,7 +93,8 @@ def default_threshold(con: duckdb.DuckDBPyConnection, model_id: str | None) -> f
     if model_id is None:
         return DEFAULT_THRESHOLD
     row = con.execute(
-        "SELECT json_extract(metrics, '$.supervised') FROM models WHERE model_id = ?",
+        "SELECT CASE WHEN json_valid(metrics) THEN json_extract(metrics, '$.supervised') END"
+        " FROM models WHERE model_id = ?",
         [model_id],
     ).fetchone()
     supervised = row is None or row[0] is None or str(row[0]).lower() != "false"

@@ -40,6 +40,11 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+THRESHOLD_HELP = (
+    "Alert threshold (default: the saved one, else 0.9; 0.99 for a model trained without labels)."
+)
+
+
 @app.command()
 def demo(
     users: Annotated[int, typer.Option(min=10, help="Number of users in the world.")] = 3000,
@@ -514,7 +519,11 @@ def export_cases(
     model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
     threshold: Annotated[
         float | None,
-        typer.Option(min=0.0, max=1.0, help="Alert threshold (default: the saved one, else 0.9)."),
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help=THRESHOLD_HELP,
+        ),
     ] = None,
     analyst: AnalystOption = None,
     db: DbOption = None,
@@ -569,7 +578,11 @@ def watchlist(
     ] = 0.97,
     threshold: Annotated[
         float | None,
-        typer.Option(min=0.0, max=1.0, help="Alert threshold (default: the saved one, else 0.9)."),
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help=THRESHOLD_HELP,
+        ),
     ] = None,
     start: Annotated[str | None, typer.Option(help="Active from (ISO date/time, UTC).")] = None,
     end: Annotated[str | None, typer.Option(help="Active before (ISO date/time, UTC).")] = None,
@@ -628,7 +641,11 @@ def shared(
     min_users: Annotated[int, typer.Option(min=2, help="Users sharing it, at least.")] = 2,
     threshold: Annotated[
         float | None,
-        typer.Option(min=0.0, max=1.0, help="Alert threshold (default: the saved one, else 0.9)."),
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help=THRESHOLD_HELP,
+        ),
     ] = None,
     start: Annotated[str | None, typer.Option(help="Active from (ISO date/time, UTC).")] = None,
     end: Annotated[str | None, typer.Option(help="Active before (ISO date/time, UTC).")] = None,

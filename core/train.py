@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -411,6 +412,17 @@ def training_labels(
     return list(user_ids), y
 
 
+def _strict_json(value: Any) -> Any:
+    """NaN and infinities as null, at any depth (other tools' JSON parsers refuse them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def train_model(
     db: duckdb.DuckDBPyConnection | str | Path,
     cfg: TrainConfig,
@@ -534,10 +546,7 @@ def train_model(
     reference.save(path)
     (path / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
-    # Strict JSON (no NaN: other tools' parsers refuse it)
-    metrics = {
-        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()
-    }
+    metrics = _strict_json(metrics)
     (path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str, allow_nan=False))
     if register:  # evaluation runs train throw-away models that analysts should not see
         with store.using(db) as con:

@@ -355,6 +355,11 @@ def test_a_model_without_labels_alerts_on_the_rarest_percent_by_default(tmp_path
     assert alerts.threshold_in_use(con, "with-labels") == alerts.DEFAULT_THRESHOLD == 0.9
     assert alerts.threshold_in_use(con, "without") == alerts.UNSUPERVISED_DEFAULT_THRESHOLD
     assert alerts.threshold_in_use(con, None) == alerts.DEFAULT_THRESHOLD
+    con.execute(
+        "INSERT INTO models (model_id, created_at, path, config, metrics)"
+        " VALUES ('odd', now(), 'x', '{}', 'not json')"
+    )
+    assert alerts.threshold_in_use(con, "odd") == alerts.DEFAULT_THRESHOLD
     alerts.save_threshold(con, "without", 0.95, 1 / 3, "tess")
     assert alerts.threshold_in_use(con, "without") == 0.95  # a saved one wins
     con.close()

@@ -140,6 +140,26 @@ def test_triage_lists_accounts_sharing_a_device_card_or_ip(demo_env) -> None:
     assert (ips["users"] >= rings.MIN_SHARED_USERS).all()
 
 
+def test_switching_models_loads_that_models_threshold(demo_db_copy) -> None:
+    with store.open_db(demo_db_copy.db_path) as con:
+        con.execute(
+            "INSERT INTO models (model_id, created_at, path, config, metrics)"
+            " VALUES ('unlabelled', now() - INTERVAL 1 DAY, 'x', '{}', ?)",
+            [json.dumps({"supervised": False})],
+        )
+    at = _app(demo_db_copy.db_path, "pages/data_model.py")
+    assert at.sidebar.selectbox(key="model_id").value == demo_db_copy.model_id
+    assert at.sidebar.number_input(key="threshold").value == alerts.DEFAULT_THRESHOLD
+    at.sidebar.selectbox(key="model_id").set_value("unlabelled").run()
+    assert not at.exception
+    threshold = at.sidebar.number_input(key="threshold").value
+    assert threshold == alerts.UNSUPERVISED_DEFAULT_THRESHOLD
+    at.sidebar.number_input(key="threshold").set_value(0.97).run()  # the analyst's choice
+    assert at.sidebar.number_input(key="threshold").value == 0.97
+    at.sidebar.selectbox(key="model_id").set_value(demo_db_copy.model_id).run()
+    assert at.sidebar.number_input(key="threshold").value == alerts.DEFAULT_THRESHOLD
+
+
 def test_thresholds_sliders_and_save(demo_db_copy) -> None:
     at = _app(demo_db_copy.db_path, "pages/thresholds_page.py")
     assert at.title[0].value.endswith("Thresholds")

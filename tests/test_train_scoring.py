@@ -651,6 +651,13 @@ def test_finetuning_without_validation_labels_of_both_kinds_says_it_could_not_st
     json.dumps(metrics, allow_nan=False)  # strict JSON
 
 
+def test_metrics_are_written_as_strict_json_at_any_depth() -> None:
+    from core.train import _strict_json
+
+    metrics = {"val_nll": float("nan"), "history": [0.5, float("nan"), float("inf")], "n": 3}
+    assert _strict_json(metrics) == {"val_nll": None, "history": [0.5, None, None], "n": 3}
+
+
 def test_a_model_whose_stored_path_is_stale_is_found_in_the_models_folder(
     demo_db_copy, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
