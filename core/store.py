@@ -916,9 +916,7 @@ def _run_batch(
         if "event_id" in plans:
             _mark_duplicate_ids(con, src, params)
         # rows with their own event ids are told apart by id (the duplicate-id check above)
-        if "event_id" not in plans and (
-            repeats == "skip" or (repeats == "refuse" and _could_repeat(con, plans))
-        ):
+        if "event_id" not in plans and repeats != "keep" and _could_repeat(con, plans):
             n_seen = _find_stored_rows(con, src, plans, event_map, params)
             if repeats == "skip":
                 _reject_listed(con, src, params, _SEEN, STORED_REASON)
