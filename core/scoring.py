@@ -43,6 +43,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from core import store
+from core.schema import naive_utc
 from core.sequences import (
     EncodedEvents,
     SequenceFeaturizer,
@@ -235,9 +236,13 @@ def score_encoded(
     max_len: int,
     device: torch.device,
     batch_size: int = 64,
+    from_ts: np.datetime64 | None = None,
 ) -> EncodedScores:
     """One forward pass per window (length-bucketed batches). Windows overlap; each event keeps
-    the surprisal of its primary window, the one that gave it the most preceding context."""
+    the surprisal of its primary window, the one that gave it the most preceding context.
+
+    ``from_ts``: the supervised score is the maximum over the windows that reach it (a window
+    of earlier events only gives context, not a verdict on the range)."""
     import torch
 
     from core.train import autocast
@@ -263,7 +268,11 @@ def score_encoded(
             rows = rows + np.arange(width)
             surprisal[rows[batch.primary]] = out.surprisal.float().cpu().numpy()[batch.primary]
             field_nll[rows[batch.primary]] = out.field_nll.float().cpu().numpy()[batch.primary]
-            np.maximum.at(sup_logit, users, out.sequence_logit.float().cpu().numpy())
+            logits = out.sequence_logit.float().cpu().numpy()
+            if from_ts is not None:
+                last = rows[np.arange(len(rows)), batch.mask.sum(axis=1) - 1]
+                logits = np.where(encoded.ts[last] >= from_ts, logits, -np.inf)
+            np.maximum.at(sup_logit, users, logits)
             pooled = out.pooled.float().cpu().numpy()
             if emb_sum is None:
                 emb_sum = np.zeros((n_users, pooled.shape[1]), dtype=np.float32)
@@ -420,7 +429,10 @@ def score_users(
         chunks = list(_user_chunks(con, users, start, end, chunk_users))
     for chunk in tqdm(chunks, desc="scoring", unit="chunk", disable=not progress):
         with store.using(db) as con:
-            events = load_events(con, users=chunk, start=start, end=end)
+            # A range's events are read with everything before them: the model's context, a
+            # device's first appearance and the gap before the first event in the range are
+            # then what they were, not artefacts of the cut.
+            events = load_events(con, users=chunk, start=None, end=end)
             aggregate_features = (
                 loaded.aggregate.features(con, chunk, start, end)
                 if loaded.aggregate is not None and events.num_rows
@@ -429,10 +441,20 @@ def score_users(
         if events.num_rows == 0:
             continue
         encoded = loaded.featurizer.transform(events)
+        from_ts = None if start is None else np.datetime64(naive_utc(start), "us")
         with loaded.lock:
             scores = score_encoded(
-                loaded.model, encoded, max_len=max_len, device=loaded.device, batch_size=batch_size
+                loaded.model,
+                encoded,
+                max_len=max_len,
+                device=loaded.device,
+                batch_size=batch_size,
+                from_ts=from_ts,
             )
+        if from_ts is not None:
+            encoded, scores = _in_range(encoded, scores, from_ts)
+            if encoded.n_events == 0:
+                continue
         raw = loaded.reference.user_scores(scores.field_nll, encoded.offsets)
         pct = loaded.reference.percentile(raw)
         sup = scores.supervised if loaded.supervised else None
@@ -502,6 +524,32 @@ def score_users(
             ]
         )
     return pd.concat(results, ignore_index=True)
+
+
+def _in_range(
+    encoded: EncodedEvents, scores: EncodedScores, from_ts: np.datetime64
+) -> tuple[EncodedEvents, EncodedScores]:
+    """The events at or after ``from_ts`` (scored with their history as context), and the
+    users who have any: a ranged score describes the range."""
+    keep = encoded.ts >= from_ts
+    lengths = np.diff(encoded.offsets)
+    segment = np.repeat(np.arange(len(lengths)), lengths)
+    counts = np.bincount(segment[keep], minlength=len(lengths))
+    users = counts > 0
+    offsets = np.concatenate([[0], np.cumsum(counts[users])]).astype(np.int64)
+    kept = EncodedEvents(
+        fields=encoded.fields[keep],
+        user_ids=encoded.user_ids[users],
+        offsets=offsets,
+        event_ids=encoded.event_ids[keep],
+        ts=encoded.ts[keep],
+    )
+    return kept, EncodedScores(
+        surprisal=scores.surprisal[keep],
+        field_nll=scores.field_nll[keep],
+        supervised=scores.supervised[users],
+        embedding=scores.embedding[users] if len(scores.embedding) else scores.embedding,
+    )
 
 
 def write_scores(

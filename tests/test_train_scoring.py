@@ -564,6 +564,36 @@ def test_ranged_scoring_keeps_the_full_history_event_scores(demo_db_copy) -> Non
     assert set(after) == set(before)
 
 
+def test_a_range_is_scored_with_the_history_before_it_as_context(demo_db_copy) -> None:
+    """From a start on, the range's events get the surprisal they get in the full history:
+    the events before the start are read as context (a device seen last week is not new)."""
+    loaded = load_model(demo_db_copy.models_dir / demo_db_copy.model_id)
+    start = datetime(2026, 10, 12)
+    with store.open_db(demo_db_copy.db_path) as con:
+        users = _active_across(con, start, start, 10)
+
+        def stored() -> dict[int, float]:
+            rows = con.execute(
+                "SELECT s.event_id, s.surprisal FROM event_scores s JOIN events e USING"
+                " (event_id) WHERE s.model_id = ? AND e.user_id IN (SELECT unnest(?::VARCHAR[]))"
+                " AND e.ts >= ?",
+                [loaded.model_id, users, start],
+            ).fetchall()
+            return {int(e): float(v) for e, v in rows}
+
+        full = score_users(con, loaded, users).set_index("user_id")
+        expected = stored()
+        con.execute("DELETE FROM event_scores WHERE model_id = ?", [loaded.model_id])
+        ranged = score_users(con, loaded, users, start).set_index("user_id")
+        got = stored()
+    assert got.keys() == expected.keys() and len(got) > 100
+    assert np.allclose([got[e] for e in expected], list(expected.values()), atol=1e-4)
+    # the range's own aggregate: its events only, its first one at or after the start
+    assert (ranged["first_ts"] >= start).all()
+    assert (ranged["n_events"] <= full.loc[ranged.index, "n_events"]).all()
+    assert (ranged["score_supervised"] <= full.loc[ranged.index, "score_supervised"] + 1e-6).all()
+
+
 def test_an_epoch_sample_keeps_every_positive_and_draws_fresh_negatives() -> None:
     from core.train import _epoch_sample
 
