@@ -43,6 +43,10 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 THRESHOLD_HELP = (
     "Alert threshold (default: the saved one, else 0.9; 0.99 for a model trained without labels)."
 )
+ThresholdOption = Annotated[float | None, typer.Option(min=0.0, max=1.0, help=THRESHOLD_HELP)]
+ModelOption = Annotated[str | None, typer.Option(help="Model id (default: the newest).")]
+ActiveFromOption = Annotated[str | None, typer.Option(help="Active from (ISO date/time, UTC).")]
+ActiveBeforeOption = Annotated[str | None, typer.Option(help="Active before (ISO date/time, UTC).")]
 
 
 @app.command()
@@ -381,7 +385,7 @@ def _load_model_or_fail(con: object, model: str | None) -> object:
 
 @app.command()
 def score(
-    model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    model: ModelOption = None,
     users_file: Annotated[Path | None, typer.Option(help="Score only these users.")] = None,
     start: Annotated[str | None, typer.Option(help="Only events at or after this time.")] = None,
     end: Annotated[str | None, typer.Option(help="Only events before this time.")] = None,
@@ -420,7 +424,7 @@ def _analyst(analyst: str | None) -> str:
 @app.command("export-scores")
 def export_scores(
     out: Annotated[Path, typer.Argument(help="CSV file to write.")],
-    model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    model: ModelOption = None,
     start: Annotated[
         str | None, typer.Option(help="The window a ranged `fraudlens score` scored: its start.")
     ] = None,
@@ -506,6 +510,18 @@ def label(
         raise typer.Exit(1)
 
 
+def _model_id(con: Any, model: str | None) -> str | None:
+    """The named model (an unknown name fails), else the newest; None when none exists."""
+    row = con.execute(
+        "SELECT model_id FROM models WHERE ? IS NULL OR model_id = ?"
+        " ORDER BY created_at DESC LIMIT 1",
+        [model, model],
+    ).fetchone()
+    if model is not None and row is None:
+        raise _fail(f"no model {model}")
+    return str(row[0]) if row else None
+
+
 @app.command("export-cases")
 def export_cases(
     out: Annotated[Path, typer.Argument(help="CSV file to write.")],
@@ -516,15 +532,8 @@ def export_cases(
         bool,
         typer.Option("--evidence", help="Write one case's events with per-event scores instead."),
     ] = False,
-    model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help=THRESHOLD_HELP,
-        ),
-    ] = None,
+    model: ModelOption = None,
+    threshold: ThresholdOption = None,
     analyst: AnalystOption = None,
     db: DbOption = None,
 ) -> None:
@@ -534,14 +543,7 @@ def export_cases(
 
     try:
         with store.open_db(_db(db)) as con:
-            row = con.execute(
-                "SELECT model_id FROM models WHERE ? IS NULL OR model_id = ?"
-                " ORDER BY created_at DESC LIMIT 1",
-                [model, model],
-            ).fetchone()
-            if model is not None and row is None:
-                raise _fail(f"no model {model}")
-            model_id = str(row[0]) if row else None
+            model_id = _model_id(con, model)
             ids = case or [int(r[0]) for r in con.execute(
                 "SELECT case_id FROM cases ORDER BY case_id").fetchall()]  # fmt: skip
             if not ids:
@@ -576,17 +578,10 @@ def watchlist(
         float,
         typer.Option(min=0.0, max=1.0, help="Unsupervised percentile the list starts at."),
     ] = 0.97,
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help=THRESHOLD_HELP,
-        ),
-    ] = None,
-    start: Annotated[str | None, typer.Option(help="Active from (ISO date/time, UTC).")] = None,
-    end: Annotated[str | None, typer.Option(help="Active before (ISO date/time, UTC).")] = None,
-    model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    threshold: ThresholdOption = None,
+    start: ActiveFromOption = None,
+    end: ActiveBeforeOption = None,
+    model: ModelOption = None,
     db: DbOption = None,
 ) -> None:
     """Users rarer than LEVEL of the training users whose combined score stays under the
@@ -600,14 +595,10 @@ def watchlist(
     except store.StoreError as exc:
         raise _fail(str(exc)) from None
     try:
-        row = con.execute(
-            "SELECT model_id FROM models WHERE ? IS NULL OR model_id = ?"
-            " ORDER BY created_at DESC LIMIT 1",
-            [model, model],
-        ).fetchone()
-        if row is None:
-            raise _fail(f"no model {model}" if model else "no trained model; run `fraudlens train`")
-        model_id = str(row[0])
+        found = _model_id(con, model)
+        if found is None:
+            raise _fail("no trained model; run `fraudlens train`")
+        model_id = found
         if threshold is None:
             threshold = alerts.threshold_in_use(con, model_id)
         listed = alerts.novelty_watchlist(
@@ -639,17 +630,10 @@ def shared(
         str | None, typer.Option(help="Only this kind: device, card or IP (default: all).")
     ] = None,
     min_users: Annotated[int, typer.Option(min=2, help="Users sharing it, at least.")] = 2,
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help=THRESHOLD_HELP,
-        ),
-    ] = None,
-    start: Annotated[str | None, typer.Option(help="Active from (ISO date/time, UTC).")] = None,
-    end: Annotated[str | None, typer.Option(help="Active before (ISO date/time, UTC).")] = None,
-    model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    threshold: ThresholdOption = None,
+    start: ActiveFromOption = None,
+    end: ActiveBeforeOption = None,
+    model: ModelOption = None,
     db: DbOption = None,
 ) -> None:
     """Devices, cards and IPs several users share in the range, accounts opened together
@@ -669,20 +653,14 @@ def shared(
     except store.StoreError as exc:
         raise _fail(str(exc)) from None
     try:
-        row = con.execute(
-            "SELECT model_id FROM models WHERE ? IS NULL OR model_id = ?"
-            " ORDER BY created_at DESC LIMIT 1",
-            [model, model],
-        ).fetchone()
-        if row is None and model:
-            raise _fail(f"no model {model}")
+        model_id = _model_id(con, model)
         scores = pd.DataFrame({"user_id": pd.Series(dtype=str), "score": pd.Series(dtype=float)})
-        if row is not None:
-            saved = alerts.saved_setting(con, str(row[0]))
+        if model_id is not None:
+            saved = alerts.saved_setting(con, model_id)
             if threshold is None:
-                threshold = alerts.threshold_in_use(con, str(row[0]))
+                threshold = alerts.threshold_in_use(con, model_id)
             scores = alerts.active_scores(
-                con, str(row[0]), lo, hi, weight=saved.weight if saved else None
+                con, model_id, lo, hi, weight=saved.weight if saved else None
             )[["user_id", "score"]]
         threshold = alerts.DEFAULT_THRESHOLD if threshold is None else threshold
         groups = rings.shared_entities_in_range(
@@ -791,7 +769,7 @@ def explain(
             "(default: $FRAUDLENS_LLM_BACKEND or template)."
         ),
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Model id (default: the newest).")] = None,
+    model: ModelOption = None,
     steps: Annotated[int, typer.Option(min=2, help="Integrated-gradients steps.")] = 32,
     internal_batch_size: Annotated[
         int | None,
