@@ -103,6 +103,20 @@ def _delimiter(first_line: str, n_fields: int | None, filename: str) -> str:
     return best if counts[best] > 1 else ","
 
 
+def first_line_is_data(data: bytes, filename: str) -> bool:
+    """Whether a CSV upload's first line is a row rather than a header (numbers, dates), so
+    the page can tick "The file has no header row" for the analyst; False for Parquet."""
+    if not data or _is_parquet(data, filename):
+        return False
+    try:
+        head = _text_head(data, filename)
+    except (OSError, EOFError, ValueError):  # a broken gzip: the preview will say so
+        return False
+    first = head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace").lstrip("\ufeff")
+    fields = next(csv.reader([first], delimiter=_delimiter(first, None, filename)), [])
+    return store.looks_like_data(fields)
+
+
 def preview_upload(
     data: bytes, filename: str, columns: Sequence[str] | None = None, rows: int = 1000
 ) -> pd.DataFrame:

@@ -458,7 +458,7 @@ _EPOCH = re.compile(r"\d{9,13}(\.\d+)?")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}.*)?")
 
 
-def _looks_like_data(fields: list[str]) -> bool:
+def looks_like_data(fields: list[str]) -> bool:
     """A first line that is mostly numbers or dates is a row, not a header: no event log
     names its columns 100692 or 1569888045 (headerless dumps such as Taobao's UserBehavior
     are)."""
@@ -1692,7 +1692,7 @@ def _csv_source(
             )
         header = False
     else:
-        if _looks_like_data(fields):
+        if looks_like_data(fields):
             raise IngestError(
                 f"{path.name}: the first line looks like data, not a header "
                 f"({', '.join(f.strip() for f in fields[:6])}{', …' if len(fields) > 6 else ''}):"

@@ -39,7 +39,12 @@ def upload_section(db_path: str) -> None:
 
 def _ingest_form(db_path: str, upload: UploadedFile) -> None:
     fid = upload.file_id
-    headerless = st.checkbox("The file has no header row", key=f"dm_headerless_{fid}")
+    headerless = st.checkbox(
+        "The file has no header row",
+        key=f"dm_headerless_{fid}",
+        # ticked for the analyst when the first line is numbers and dates (a row, not names)
+        value=datamodel.first_line_is_data(upload.getvalue(), upload.name),
+    )
     names = st.text_input(
         "Column names, comma-separated", key=f"dm_names_{fid}", disabled=not headerless
     )

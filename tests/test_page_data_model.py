@@ -136,6 +136,17 @@ def test_ingest_upload_maps_renames_quarantines_and_dedups(tmp_path: Path) -> No
     assert later.report.reasons[store.STORED_REASON] == 3
 
 
+def test_a_first_line_of_data_ticks_no_header() -> None:
+    assert datamodel.first_line_is_data(b"100692,4167,1004,pv,1569888045\n1,2,3,buy,1\n", "u.csv")
+    assert datamodel.first_line_is_data(b"2024-01-01;u1;view\n", "u.csv")
+    assert not datamodel.first_line_is_data(CSV, "shop.csv")
+    assert not datamodel.first_line_is_data(b"", "empty.csv")
+    frame = pd.DataFrame({"a": [1]})
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer)
+    assert not datamodel.first_line_is_data(buffer.getvalue(), "x.parquet")
+
+
 def test_ingest_upload_headerless_parquet_and_errors(tmp_path: Path) -> None:
     db = tmp_path / "up.duckdb"
     body = b"1709251200,u1,view\n1709251260,u1,cart\n"
