@@ -273,7 +273,9 @@ def novelty_watchlist(
         users = active_scores(con, model_id, start, end, filters=filters, weight=weight, load=load)
     unusual = (users["percentile"] >= min_percentile) & (users["score"] < threshold)
     watch = users.loc[unusual.fillna(False).astype(bool)]
-    watch = watch.sort_values(["percentile", "user_id"], ascending=[False, True], ignore_index=True)
+    # stable: ties in the percentile keep active_scores' order (score, then the raw
+    # unsupervised score), not the user ids' spelling
+    watch = watch.sort_values("percentile", ascending=False, kind="stable", ignore_index=True)
     return _with_reasons_labels_cases(con, model_id, watch, start, end, limit)
 
 

@@ -389,4 +389,6 @@ def test_users_tied_at_the_top_percentile_rank_by_how_far_beyond_they_are(tmp_pa
     exported = user_scores_frame(con, "m")
     assert exported["user_id"].tolist() == ["b", "c", "a", "d"]
     assert exported["rank"].tolist() == [1, 2, 3, 4]
+    watch = alerts.novelty_watchlist(con, "m", None, None, threshold=1.5)
+    assert watch["user_id"].tolist() == ["b", "c", "a"]
     con.close()
