@@ -71,7 +71,8 @@ def top_users(
         frame = con.execute(
             "SELECT user_id, score FROM sequence_scores WHERE model_id = ?"
             " AND window_start IS NULL AND window_end IS NULL"
-            " ORDER BY score DESC NULLS LAST, user_id LIMIT ?",
+            " ORDER BY score DESC NULLS LAST, score_unsupervised DESC NULLS LAST, user_id"
+            " LIMIT ?",
             [model_id, int(limit)],
         ).df()
         if not frame.empty:

@@ -16,7 +16,7 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from core import alert_charts, alerts, cases, store
+from core import alert_charts, alerts, cases, investigate, store
 from core.scoring import combine_scores
 
 
@@ -391,4 +391,6 @@ def test_users_tied_at_the_top_percentile_rank_by_how_far_beyond_they_are(tmp_pa
     assert exported["rank"].tolist() == [1, 2, 3, 4]
     watch = alerts.novelty_watchlist(con, "m", None, None, threshold=1.5)
     assert watch["user_id"].tolist() == ["b", "c", "a"]
+    picker = investigate.top_users(con, "m")  # Investigate's user picker
+    assert picker["user_id"].tolist() == ["b", "c", "a", "d"]
     con.close()
