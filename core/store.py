@@ -1252,12 +1252,7 @@ def _find_stored_rows(
 
     def typed(name: str, value: str) -> str:
         if name == "event_type" and event_map:
-            params["map_keys"] = list(event_map)
-            params["map_vals"] = list(event_map.values())
-            value = (
-                "coalesce(map_extract_value(MAP($map_keys::VARCHAR[], $map_vals::VARCHAR[]),"
-                f" {value}), {value})"
-            )
+            value = _renamed_event_type(value, event_map, params)
         return f"CAST({value} AS {schema.COLUMN_TYPES[name]}) AS {name}"
 
     if _keeps_values(src):
@@ -1332,6 +1327,17 @@ def _sessionize(con: duckdb.DuckDBPyConnection, params: dict[str, Any]) -> None:
     con.execute(cont, _used(cont, params))
 
 
+def _renamed_event_type(value: str, event_map: dict[str, str], params: dict[str, Any]) -> str:
+    """SQL for the event type ``value`` after --event-map (types it does not name unchanged);
+    binds the map as $map_keys / $map_vals."""
+    params["map_keys"] = list(event_map)
+    params["map_vals"] = list(event_map.values())
+    return (
+        "coalesce(map_extract_value(MAP($map_keys::VARCHAR[], $map_vals::VARCHAR[]),"
+        f" {value}), {value})"
+    )
+
+
 def _new_rows_sql(
     src: _Source,
     plans: dict[str, _Plan],
@@ -1363,12 +1369,7 @@ def _new_rows_sql(
         f"coalesce(w.v_session_id, {session})" if "session_id" in plans else session
     )
     if event_map:
-        params["map_keys"] = list(event_map)
-        params["map_vals"] = list(event_map.values())
-        exprs["event_type"] = (
-            "coalesce(map_extract_value(MAP($map_keys::VARCHAR[], $map_vals::VARCHAR[]),"
-            " w.v_event_type), w.v_event_type)"
-        )
+        exprs["event_type"] = _renamed_event_type("w.v_event_type", event_map, params)
     cols = ", ".join(
         f"CAST({exprs.get(c, 'NULL')} AS {t}) AS {c}" for c, t in schema.COLUMN_TYPES.items()
     )
