@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 import pandas as pd
@@ -111,19 +112,26 @@ def shared_entities(
         return rings.shared_entities_in_range(con, start, end, scores, threshold)
 
 
-def shared_entity_table(groups: pd.DataFrame, key: str) -> None:
-    """Entities several accounts share; selecting a row opens its highest-scoring user."""
+def opens_user(key: str, user_of_row: pd.Series) -> Callable[[], None]:
+    """on_select for a table keyed ``key``: the selected row's user opens in Investigate
+    (the switch happens at the top of the next run, see ``_tri_open``)."""
 
     def open_selected() -> None:
         rows = state[key]["selection"]["rows"]
         if rows:
-            state["_tri_open"] = str(groups.iloc[rows[0]].top_user)
+            state["_tri_open"] = str(user_of_row.iloc[rows[0]])
+
+    return open_selected
+
+
+def shared_entity_table(groups: pd.DataFrame, key: str) -> None:
+    """Entities several accounts share; selecting a row opens its highest-scoring user."""
 
     st.dataframe(
         groups,
         key=key,
         hide_index=True,
-        on_select=open_selected,
+        on_select=opens_user(key, groups["top_user"]),
         selection_mode="single-row",
         column_config={
             "value": st.column_config.TextColumn("value", pinned=True),
@@ -152,16 +160,11 @@ def shared_entity_table(groups: pd.DataFrame, key: str) -> None:
 def user_table(users: pd.DataFrame, key: str) -> None:
     """A queue of users (alerts.QUEUE_COLUMNS); selecting a row opens Investigate."""
 
-    def open_selected() -> None:
-        rows = state[key]["selection"]["rows"]
-        if rows:
-            state["_tri_open"] = str(users.iloc[rows[0]].user_id)
-
     st.dataframe(
         users.assign(percentile=users["percentile"] * 100),
         key=key,
         hide_index=True,
-        on_select=open_selected,
+        on_select=opens_user(key, users["user_id"]),
         selection_mode="single-row",
         column_config={
             "user_id": st.column_config.TextColumn("user", pinned=True),
