@@ -22,6 +22,12 @@ the input this changes nothing (the factor is 1), at the baseline every event is
 typical (z = 0), and the event gets credit for its own surprise as well as for the context it
 gives. Completeness still holds and Captum's convergence delta reports how well.
 
+Which events are "the top events" (the list, the deletion check): integrated gradients credit
+each event alone, and events that carry the same evidence share their credit, so the first few
+are then picked by a short deletion search among the most attributed ones (see
+``_refine_by_deletion``): the events whose removal lowers the score most, attribution order kept
+unless it costs a clearly smaller drop.
+
 Attribution touches the shared model (Captum registers hooks on the embedding layers), so it
 runs under ``LoadedModel.lock``; it needs gradients, so it never runs under
 ``torch.inference_mode()``.
@@ -73,6 +79,11 @@ class ExplainSettings:
     counterfactual_k: int = 5
     random_draws: int = 5
     seed: int = 0
+    # The deletion search that orders the first counterfactual_k events (see
+    # _refine_by_deletion): the most attributed events it chooses among (0: no search, the
+    # ranking is the attributions'), and how close to the largest drop an event must come.
+    deletion_pool: int = 16
+    deletion_tolerance: float = 0.1
 
 
 @dataclass
@@ -92,10 +103,21 @@ class Attribution:
     n_events_total: int  # events of the user in the range (the window may hold fewer)
     settings: ExplainSettings = field(default_factory=ExplainSettings)
     window_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Window positions, most important first: the deletion search's picks, then the rest by
+    # attribution. Empty: by attribution alone.
+    ranking: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def per_event(self) -> np.ndarray:
         return self.per_field.sum(axis=1)
+
+    @property
+    def order(self) -> np.ndarray:
+        """Window positions, most important first (what "top events" and the deletion
+        check read)."""
+        if self.ranking.size == self.per_field.shape[0]:
+            return self.ranking
+        return np.argsort(-self.per_event, kind="stable")
 
     @property
     def n_events(self) -> int:
@@ -108,10 +130,10 @@ class Attribution:
         )
 
     def top_events(self, k: int = 10) -> pd.DataFrame:
-        """The k events that raise the score most: event_id, ts, attribution, share of the
-        positive attribution, and the field that carried most of it."""
+        """The k events that carry the score most (``order``): event_id, ts, attribution,
+        share of the positive attribution, and the field that carried most of it."""
         per_event = self.per_event
-        order = np.argsort(-per_event, kind="stable")[:k]
+        order = self.order[:k]
         positive = float(per_event[per_event > 0].sum()) or 1.0
         top_field = self.per_field[order].argmax(axis=1) if order.size else np.zeros(0, int)
         return pd.DataFrame(
@@ -132,6 +154,9 @@ class Attribution:
             "baseline": "neutral event (every field absent)",
             "integration": settings.pop("method"),
             **settings,
+            "ranking": "deletion search over the most attributed events, then attribution"
+            if self.ranking.size
+            else "attribution",
             "target": self.target,
             "convergence_delta": self.delta,
         }
@@ -350,6 +375,7 @@ def _attribute(
         model.train(was_training)
     # One [1, L, H] tensor per field layer -> [L, F]: sum over the hidden dimension.
     per_field = torch.stack([a[0].sum(dim=-1) for a in attributions], dim=-1)
+    per_event = per_field.sum(dim=-1).detach().double().cpu().numpy()
     return Attribution(
         user_id=str(encoded.user_ids[0]),
         model_id=loaded.model_id,
@@ -364,7 +390,61 @@ def _attribute(
         n_events_total=encoded.n_events,
         settings=settings,
         window_rows=rows,
+        ranking=_refine_by_deletion(loaded, encoded, rows, target, per_event, settings),
     )
+
+
+def _refine_by_deletion(
+    loaded: LoadedModel,
+    encoded: EncodedEvents,
+    rows: np.ndarray,
+    target: Literal["supervised", "unsupervised"],
+    per_event: np.ndarray,
+    settings: ExplainSettings,
+) -> np.ndarray:
+    """Window positions, most important first: the first ``counterfactual_k`` picked one at a
+    time by a deletion search among the ``deletion_pool`` most attributed events, the rest
+    by attribution. Empty when there is nothing to search.
+
+    Why: integrated gradients credit each event alone, but the analyst is told what removing
+    the top events does to the score, and evidence overlaps (two events that say the same
+    thing share their credit, while one removal leaves the other). Each step tries removing
+    every remaining pool event beside the ones already picked (one batched no-grad pass) and
+    takes the most attributed event whose removal comes within ``deletion_tolerance`` of the
+    score (relative) of the largest drop: attribution order is kept unless it costs a clearly
+    smaller drop. Written here because Captum has no deletion search (its FeatureAblation
+    removes one event at a time; picking a set needs the rescoring loop).
+    """
+    n = rows.size
+    k = min(settings.counterfactual_k, n - 1)
+    pool_size = min(settings.deletion_pool, n)
+    if k <= 0 or pool_size <= 0:
+        return np.zeros(0, dtype=np.int64)
+    by_attribution = np.argsort(-per_event, kind="stable")
+    pool = by_attribution[:pool_size].tolist()
+    picked: list[int] = []
+    keep = np.ones(n, dtype=bool)
+    before: float | None = None
+    for _ in range(k):
+        candidates = [p for p in pool if p not in picked]
+        if not candidates:
+            break
+        subsets = [rows] if before is None else []
+        for c in candidates:
+            keep[c] = False
+            subsets.append(rows[keep])
+            keep[c] = True
+        _, sup, raw = _subset_scores(loaded, encoded, subsets)
+        own = np.asarray(sup if target == "supervised" else raw, dtype=float)
+        if before is None:
+            before, own = float(own[0]), own[1:]
+        near_best = np.flatnonzero(own <= own.min() + settings.deletion_tolerance * abs(before))
+        choice = candidates[int(near_best[0])]
+        picked.append(choice)
+        keep[choice] = False
+    chosen = set(picked)
+    rest = [int(p) for p in by_attribution if p not in chosen]
+    return np.asarray(picked + rest, dtype=np.int64)
 
 
 def displayed_scores(
@@ -476,9 +556,10 @@ def counterfactual(
     weight: float | None = None,
     threshold: float | None = None,
 ) -> Counterfactual:
-    """Remove the top-k attributed events and rescore; the same for k random events (mean of
-    ``random_draws`` draws) as the control. Scored on the explained window, combined with the
-    unsupervised ``weight`` the analyst's threshold uses (default: the model's).
+    """Remove the top-k events (``attribution.order``) and rescore; the same for k random
+    events (mean of ``random_draws`` draws) as the control. Scored on the explained window,
+    combined with the unsupervised ``weight`` the analyst's threshold uses (default: the
+    model's).
 
     Also removes the top 2k, 4k, 8k ... (the ladder, all in the same batched pass): when five
     events are a small part of a scripted burst, the analyst still learns how many of the
@@ -491,7 +572,7 @@ def counterfactual(
     rows = attribution.window_rows
     n = rows.size
     k = max(0, min(k, n - 1))  # keep at least one event to score
-    order = np.argsort(-attribution.per_event, kind="stable")
+    order = attribution.order
 
     def without_top(m: int) -> np.ndarray:
         return rows[np.sort(order[m:])]

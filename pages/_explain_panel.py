@@ -226,6 +226,14 @@ def render(
             f"Integrated gradients ({att.settings.n_steps} steps) of the "
             f"{'supervised fraud logit' if att.target == 'supervised' else 'typicality score'} "
             f"over {window}, against a neutral event; convergence delta {att.delta:.3g}."
+            + (
+                f" The first {min(att.settings.counterfactual_k, att.n_events - 1)} events"
+                " listed were picked by a deletion search among the"
+                f" {att.settings.deletion_pool} most attributed: the ones whose removal lowers"
+                " the score most."
+                if att.ranking.size
+                else ""
+            )
         )
         colour = st.toggle("Colour the timeline by attribution", key=f"inv_attr_tl_{user}")
         if colour:

@@ -63,9 +63,12 @@ def test_attributions_are_complete_per_event_and_field(
     assert abs(att.delta) < 0.05 * max(1.0, abs(gap))
     assert np.isfinite(att.per_field).all()
     assert att.per_field.any()
-    top = att.top_events(5)
-    assert len(top) == 5
-    assert top["attribution"].is_monotonic_decreasing
+    top = att.top_events(8)
+    assert len(top) == 8
+    # the deletion search orders the first five; the rest follow the attributions
+    assert list(top["event_id"]) == list(att.event_ids[att.order[:8]])
+    assert top["attribution"].iloc[5:].is_monotonic_decreasing
+    assert sorted(att.order.tolist()) == list(range(att.n_events))
     assert att.method_settings()["n_steps"] == 48
 
 
@@ -229,7 +232,7 @@ def test_deletion_ladder_rescores_ever_more_of_the_top_events(
     assert [k for k, _, _ in cf.ladder] == expected_k
     # Each step agrees with an independent rescoring of the window without its top-m events.
     encoded = loaded.featurizer.transform(events)
-    order = np.argsort(-att.per_event, kind="stable")
+    order = att.order
     subsets = [att.window_rows[np.sort(order[m:])] for m in expected_k]
     shown = displayed_scores(loaded, encoded, subsets, events=events)
     own = window_target_scores(loaded, events, att, [np.sort(order[m:]) for m in expected_k])
@@ -255,7 +258,7 @@ def test_window_target_scores_agree_with_the_deletion_check(
     att = explain_events(loaded, events, ExplainSettings(n_steps=8, target=target))  # type: ignore[arg-type]
     cf = counterfactual(loaded, events, att, k=5, random_draws=0)
     n = att.n_events
-    top = np.argsort(-att.per_event, kind="stable")[:5]
+    top = att.order[:5]
     rest = np.setdiff1d(np.arange(n), top)
     whole, without_top = window_target_scores(loaded, events, att, [np.arange(n), rest[::-1]])
     assert whole == pytest.approx(cf.target_before, rel=1e-5)
@@ -290,3 +293,49 @@ def test_displayed_score_matches_batch_scoring(demo_env: DemoEnv, loaded: Loaded
     assert stored == pytest.approx(
         combine_scores(np.array([pct]), np.array([sup]), aggregate=np.array([agg]))[0]
     )
+
+
+@pytest.mark.parametrize("target", ["supervised", "unsupervised"])
+def test_deletion_search_picks_what_brute_force_removal_finds(
+    demo_env: DemoEnv, loaded: LoadedModel, fraud_users: list[str], target: str
+) -> None:
+    """With no tolerance and every event in the pool, each pick is the event whose removal
+    (beside the earlier picks) lowers the target most, checked by rescoring every removal."""
+    events = _events(demo_env, fraud_users[4]).head(40)
+    exhaustive = ExplainSettings(
+        n_steps=8,
+        target=target,
+        deletion_pool=1000,
+        deletion_tolerance=0.0,  # type: ignore[arg-type]
+    )
+    att = explain_events(loaded, events, exhaustive)
+    n = att.n_events
+    picked: list[int] = []
+    for _ in range(3):
+        candidates = [i for i in range(n) if i not in picked]
+        scores = window_target_scores(
+            loaded, events, att, [np.setdiff1d(np.arange(n), [*picked, c]) for c in candidates]
+        )
+        picked.append(candidates[int(np.argmin(scores))])
+    assert att.order[:3].tolist() == picked
+    assert att.method_settings()["ranking"].startswith("deletion search")
+
+    by_attribution = np.argsort(-att.per_event, kind="stable")
+    # No pool: the attributions' own order. A tolerance wider than any drop: the search keeps
+    # the attribution order too (every candidate is "near the best").
+    plain = explain_events(
+        loaded, events, ExplainSettings(n_steps=8, target=target, deletion_pool=0)
+    )  # type: ignore[arg-type]
+    assert plain.ranking.size == 0 and plain.method_settings()["ranking"] == "attribution"
+    assert plain.order.tolist() == np.argsort(-plain.per_event, kind="stable").tolist()
+    lenient = explain_events(
+        loaded,
+        events,
+        ExplainSettings(n_steps=8, target=target, deletion_tolerance=1e9),  # type: ignore[arg-type]
+    )
+    assert lenient.order.tolist() == by_attribution.tolist()
+
+    # the deletion check removes exactly the ranking's first five
+    cf = counterfactual(loaded, events, att, k=5, random_draws=0)
+    without = window_target_scores(loaded, events, att, [np.sort(att.order[5:])])
+    assert cf.target_without_top == pytest.approx(float(without[0]), rel=1e-5)
