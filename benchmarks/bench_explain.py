@@ -488,6 +488,10 @@ def run(args: argparse.Namespace) -> Path:
         threshold = saved.threshold if saved is not None else DEFAULT_THRESHOLD
         fraud = sample_users(con, args.users_per_typology, args.seed)
         population = population_statistics(con)
+        n_users, n_events = con.execute(
+            "SELECT count(DISTINCT user_id), count(*) FROM events"
+        ).fetchone() or (0, 0)
+        db_world = f"{n_users:,} users, {n_events:,} events"
         long_user = con.execute(
             "SELECT user_id FROM events GROUP BY user_id HAVING count(*) >= ? "
             "ORDER BY count(*), user_id LIMIT 1",
@@ -573,6 +577,7 @@ def run(args: argparse.Namespace) -> Path:
     template = next((r for r in rows if r.get("backend") == "template"), {})
     extra: dict[str, object] = {
         "mode": "quick" if args.quick else "default",
+        "database": f"{db} ({db_world})",
         "model": f"{model_id} (max_len {loaded.model.config.max_len}, "
         f"{'supervised head' if loaded.supervised else 'no supervised head'})",
         "sample": f"{args.users_per_typology} fraudulent users per typology (seed {args.seed}); "
@@ -617,7 +622,7 @@ def run(args: argparse.Namespace) -> Path:
     }
     if args.quick:
         extra["note"] = "--quick: smoke-run sizes; not the issue's figures"
-    return write_results("bench_explain", rows, extra)
+    return write_results(args.name, rows, extra)
 
 
 def main() -> None:
@@ -642,6 +647,11 @@ def main() -> None:
     parser.add_argument("--llm-timeout", type=float, default=None, help="seconds per summary")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument(
+        "--name",
+        default="bench_explain",
+        help="results file name (another world: e.g. bench_explain_seed1001)",
+    )
     args = parser.parse_args()
     quick = {"users_per_typology": 1, "summaries": 20, "timing_runs": 3}
     default = {"users_per_typology": 25, "summaries": 200, "timing_runs": 10}
