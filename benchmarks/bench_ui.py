@@ -11,9 +11,11 @@
   same user again; (c) a new tab on a user not opened before.
 - Triage ready (warm) = score histogram and alerts-per-day chart drawn and the script done:
   (a) the sidebar link from Investigate, same tab; (b) a new tab.
-New tabs open in one browser context that has loaded the app before, as a real browser's tabs
-share its HTTP cache. A new tab is still a new Streamlit session whose page boots the frontend
-and evaluates Plotly's 4.7 MB bundle again, so new-tab figures include that.
+New tabs open in one persistent browser profile that has loaded the app before, as a real
+browser's tabs share its HTTP and code caches. A new tab is still a new Streamlit session whose
+page boots the frontend and evaluates Plotly's 4.7 MB bundle again, so new-tab figures include
+that; two bare Streamlit scripts served beside the app (a line of text; the same plus one Plotly
+chart) measure that floor, new tab in the same kind of profile, without any fraudlens code.
 Targets: Investigate <= 2 s warm, <= 6 s cold; Triage <= 1.5 s warm.
 Writes results/bench_ui.{json,md}.
 
@@ -147,12 +149,95 @@ def app_server(
             proc.wait()
 
 
+_BARE_SCRIPTS = {
+    "text": 'import streamlit as st\n\nst.write("ready")\n',
+    "plotly": "import plotly.graph_objects as go\nimport streamlit as st\n\n"
+    'st.write("ready")\n'
+    'st.plotly_chart(go.Figure(go.Scatter(x=[1, 2], y=[1, 2])), key="probe")\n',
+}
+
+
+@contextmanager
+def _bare_server(script: Path, log: Path) -> Iterator[str]:
+    """`streamlit run script` on a free port (no fraudlens code); stopped by its PID."""
+    port = _free_port()
+    with log.open("a") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(script), *SERVER_FLAGS]
+            + [f"--server.port={port}"],
+            cwd=script.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"streamlit did not start; see {log}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def _streamlit_floors(p, tmp: Path, runs: int) -> dict[str, list[float]]:
+    """New-tab seconds of the bare scripts (text; text + one Plotly chart), each in its own
+    persistent profile that has loaded the page once: what any Streamlit page costs on this
+    machine before its own work."""
+    out: dict[str, list[float]] = {}
+    for name, code in _BARE_SCRIPTS.items():
+        script = tmp / f"bare_{name}.py"
+        script.write_text(code)
+        with _bare_server(script, tmp / "bare.log") as url:
+            profile = _profile(p, tmp / f"profile_{name}")
+            keys = [".st-key-probe"] if name == "plotly" else []
+
+            def new_tab(url: str = url, profile=profile, keys: list[str] = keys) -> float:
+                page = profile.new_page()
+                try:
+                    started = time.perf_counter()
+                    page.goto(url)
+                    page.get_by_text("ready").wait_for(timeout=60_000)
+                    _wait_drawn(page, keys, 60)
+                    page.wait_for_selector(IDLE, state="attached", timeout=60_000)
+                    return time.perf_counter() - started
+                finally:
+                    page.close()
+
+            try:
+                new_tab()  # fills the profile's caches
+                out[name] = [new_tab() for _ in range(runs)]
+            finally:
+                profile.close()
+    return out
+
+
+def _profile(p, directory: Path):
+    """A persistent browser profile (its own HTTP and code caches on disk, as a real browser's
+    profile has); new tabs opened in it share them."""
+    return p.chromium.launch_persistent_context(
+        str(directory),
+        executable_path=CHROMIUM,
+        args=CHROMIUM_ARGS,
+        viewport={"width": 1400, "height": 2200},
+    )
+
+
 def _new_tab(browser):
     context = browser.new_context(viewport={"width": 1400, "height": 2200})
     return context, context.new_page()
 
 
 def _wait_drawn(page, keys: list[str], timeout_s: float) -> None:
+    if not keys:
+        return
     page.wait_for_function(
         f"keys => ({_DRAWN})(keys) || document.querySelector('{ERROR}')",
         arg=keys,
@@ -332,7 +417,7 @@ def main() -> None:
             k: []
             for k in (
                 *("cold", "same", "row", "new", "tri", "tri_nav", "floor", "startup"),
-                "startup_source",
+                *("startup_source", "bare_text", "bare_plotly"),
             )
         }
         # Side by side with the starts below: one start that cannot use cached bytecode (an
@@ -352,8 +437,9 @@ def main() -> None:
                     if run < args.cold_runs - 1:
                         continue
                     # the last server stays up for the warm measures; new tabs open in one
-                    # browser context, which has loaded the app once (its HTTP cache is warm)
-                    tabs, first = _new_tab(browser)
+                    # persistent profile, which has loaded the app once (its caches are warm)
+                    tabs = _profile(p, Path(tmp) / "profile")
+                    first = tabs.new_page()
                     try:
                         first.goto(url + inv)
                         _wait_drawn(first, INVESTIGATE_PLOTS, 60)
@@ -388,6 +474,8 @@ def main() -> None:
                             _timed_nav_click(browser, url + inv, "Triage", TRIAGE_PLOTS)
                         )
             browser.close()
+            floors = _streamlit_floors(p, Path(tmp), args.runs)
+            times["bare_text"], times["bare_plotly"] = floors["text"], floors["plotly"]
 
     rows = [
         _row(
@@ -421,6 +509,18 @@ def main() -> None:
             times["tri_nav"],
             "sidebar link from Investigate (same tab); queue and charts drawn, script done",
         ),
+        _row(
+            "streamlit floor",
+            times["bare_text"],
+            "new tab on a bare Streamlit script that writes one line (no fraudlens code), "
+            "script done",
+        ),
+        _row(
+            "streamlit + plotly floor",
+            times["bare_plotly"],
+            "new tab on a bare Streamlit script with one two-point Plotly chart (no fraudlens "
+            "code): chart drawn, script done",
+        ),
     ]
     extra = {
         "database": f"{source} ({info['n_users']:,} users, {info['n_events']:,} events)",
@@ -428,9 +528,9 @@ def main() -> None:
         "user": user,
         "threshold": threshold_note,
         "method": "median seconds from navigation until the page's plots are drawn; a new tab "
-        "(same browser, HTTP cache warm) also boots the frontend, evaluates Plotly's bundle "
-        "and opens a new session; cold = a first visit (fresh browser profile) on a fresh "
-        "server",
+        "(same persistent browser profile, HTTP and code caches warm) also boots the frontend, "
+        "evaluates Plotly's bundle and opens a new session; cold = a first visit (fresh "
+        "browser profile) on a fresh server",
     }
     path = write_results("bench_ui", rows, extra)
     print(path.read_text())
