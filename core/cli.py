@@ -866,6 +866,10 @@ def _explanation_json(
             "n_events": att.n_events,
             "n_events_total": att.n_events_total,
             "field_names": list(att.field_names),
+            # most important first (the deletion search's picks, then attribution order), and
+            # the target on its own scale as the search removed its picks one by one
+            "ranking": att.event_ids[att.order].tolist(),
+            "deletion_path": att.deletion_path.tolist(),
             "events": [
                 {"event_id": int(eid), "ts": str(ts), "attribution": float(total), "per_field": pf}
                 for eid, ts, total, pf in zip(
@@ -914,13 +918,24 @@ def _print_explanation(explanation: Explanation, summary: Summary, threshold_sou
     )
 
     typer.echo("")
-    typer.echo("top events by attribution:")
-    typer.echo(f"  {'#':>2}  {'time':<19}  {'event type':<16} {'share':>6}  top field")
+    picked = att.deletion_path.size
+    typer.echo(
+        f"top events (the first {picked} picked by a deletion search, then by attribution):"
+        if picked
+        else "top events by attribution:"
+    )
+    # the fraud probability as the search removed its picks (the head's target only: raw
+    # typicality means nothing to a reader)
+    path = att.target == "supervised" and picked > 0
+    without = f" {'p without':>9}" if path else ""
+    typer.echo(f"  {'#':>2}  {'time':<19}  {'event type':<16} {'share':>6}{without}  top field")
     top = explanation.top_events
     for i, row in enumerate(top.itertuples(index=False), start=1):
         ts = f"{row.ts:%Y-%m-%d %H:%M:%S}"
         etype = str(getattr(row, "event_type", ""))
-        typer.echo(f"  {i:>2}  {ts:<19}  {etype:<16} {row.share:>6.1%}  {row.top_field}")
+        value = float(row.target_without)
+        cell = (f" {value:>9.3f}" if value == value else f" {'':>9}") if path else ""
+        typer.echo(f"  {i:>2}  {ts:<19}  {etype:<16} {row.share:>6.1%}{cell}  {row.top_field}")
 
     typer.echo("")
     typer.echo("attribution per field:")

@@ -234,8 +234,8 @@ def explain_user(
     top = top.join(detail.drop(columns=["ts"], errors="ignore"), on="event_id")
     event_facts = []
     for row in top.head(5).itertuples(index=False):
-        if row.attribution <= 0:
-            break
+        if row.attribution <= 0:  # the deletion search may rank one above a positive one
+            continue
         fields = {
             c: v
             for c in EVENT_FACT_COLUMNS

@@ -106,6 +106,9 @@ class Attribution:
     # Window positions, most important first: the deletion search's picks, then the rest by
     # attribution. Empty: by attribution alone.
     ranking: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # The target on its own scale (fraud probability / raw typicality) once the search's first
+    # i + 1 picks are removed from the window, one value per pick.
+    deletion_path: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float64))
 
     @property
     def per_event(self) -> np.ndarray:
@@ -120,6 +123,14 @@ class Attribution:
         return np.argsort(-self.per_event, kind="stable")
 
     @property
+    def own_scale_value(self) -> float:
+        """The target at the input on the deletion check's scale: the fraud probability for
+        the supervised target (its logit is what is attributed), raw typicality otherwise."""
+        if self.target == "supervised":
+            return 1.0 / (1.0 + math.exp(-self.target_value))
+        return self.target_value
+
+    @property
     def n_events(self) -> int:
         return int(self.event_ids.size)
 
@@ -131,11 +142,17 @@ class Attribution:
 
     def top_events(self, k: int = 10) -> pd.DataFrame:
         """The k events that carry the score most (``order``): event_id, ts, attribution,
-        share of the positive attribution, and the field that carried most of it."""
+        share of the positive attribution, the field that carried most of it, and
+        ``target_without``: the target once this event and those above it are removed (the
+        deletion search's path; NaN past it)."""
         per_event = self.per_event
         order = self.order[:k]
         positive = float(per_event[per_event > 0].sum()) or 1.0
         top_field = self.per_field[order].argmax(axis=1) if order.size else np.zeros(0, int)
+        path = np.full(order.size, np.nan)
+        if self.ranking.size:
+            m = min(order.size, self.deletion_path.size)
+            path[:m] = self.deletion_path[:m]
         return pd.DataFrame(
             {
                 "event_id": self.event_ids[order],
@@ -143,6 +160,7 @@ class Attribution:
                 "attribution": per_event[order],
                 "share": np.clip(per_event[order] / positive, 0.0, None),
                 "top_field": [FIELD_LABELS.get(self.field_names[j], "") for j in top_field],
+                "target_without": path,
             }
         )
 
@@ -376,6 +394,7 @@ def _attribute(
     # One [1, L, H] tensor per field layer -> [L, F]: sum over the hidden dimension.
     per_field = torch.stack([a[0].sum(dim=-1) for a in attributions], dim=-1)
     per_event = per_field.sum(dim=-1).detach().double().cpu().numpy()
+    ranking, path = _refine_by_deletion(loaded, encoded, rows, target, per_event, settings)
     return Attribution(
         user_id=str(encoded.user_ids[0]),
         model_id=loaded.model_id,
@@ -390,7 +409,8 @@ def _attribute(
         n_events_total=encoded.n_events,
         settings=settings,
         window_rows=rows,
-        ranking=_refine_by_deletion(loaded, encoded, rows, target, per_event, settings),
+        ranking=ranking,
+        deletion_path=path,
     )
 
 
@@ -401,10 +421,11 @@ def _refine_by_deletion(
     target: Literal["supervised", "unsupervised"],
     per_event: np.ndarray,
     settings: ExplainSettings,
-) -> np.ndarray:
-    """Window positions, most important first: the first ``counterfactual_k`` picked one at a
-    time by a deletion search among the ``deletion_pool`` most attributed events, the rest
-    by attribution. Empty when there is nothing to search.
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ranking, path). The ranking: window positions, most important first, the first
+    ``counterfactual_k`` picked one at a time by a deletion search among the
+    ``deletion_pool`` most attributed events, the rest by attribution (empty when there is
+    nothing to search). The path: the target on its own scale after each pick is removed.
 
     Why: integrated gradients credit each event alone, but the analyst is told what removing
     the top events does to the score, and evidence overlaps (two events that say the same
@@ -419,10 +440,11 @@ def _refine_by_deletion(
     k = min(settings.counterfactual_k, n - 1)
     pool_size = min(settings.deletion_pool, n)
     if k <= 0 or pool_size <= 0:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
     by_attribution = np.argsort(-per_event, kind="stable")
     pool = by_attribution[:pool_size].tolist()
     picked: list[int] = []
+    path: list[float] = []
     keep = np.ones(n, dtype=bool)
     before: float | None = None
     for _ in range(k):
@@ -441,10 +463,11 @@ def _refine_by_deletion(
         near_best = np.flatnonzero(own <= own.min() + settings.deletion_tolerance * abs(before))
         choice = candidates[int(near_best[0])]
         picked.append(choice)
+        path.append(float(own[near_best[0]]))
         keep[choice] = False
     chosen = set(picked)
     rest = [int(p) for p in by_attribution if p not in chosen]
-    return np.asarray(picked + rest, dtype=np.int64)
+    return np.asarray(picked + rest, dtype=np.int64), np.asarray(path, dtype=np.float64)
 
 
 def displayed_scores(

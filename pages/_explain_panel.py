@@ -240,11 +240,14 @@ def render(
             st.plotly_chart(timeline(found.timeline_attribution), key="inv_attr_timeline")
         left, right = st.columns([2, 3])
         left.plotly_chart(charts.field_attribution_bar(att.field_totals()), key="inv_fields")
+        # The fraud probability as the deletion search removed its picks one by one (the
+        # typicality score's raw scale would mean nothing to an analyst: shown for the head only).
+        path = "target_without" if att.target == "supervised" and att.ranking.size else None
         table = found.top_events.loc[
             :,
             [
                 c
-                for c in ("ts", "event_type", "share", "top_field", "category", "price")
+                for c in ("ts", "event_type", "share", path, "top_field", "category", "price")
                 + ("device_id", "ip", "country", "event_id")
                 if c in found.top_events.columns
             ],
@@ -258,6 +261,12 @@ def render(
                     "share", format="percent", min_value=0.0, max_value=1.0
                 ),
                 "ts": st.column_config.DatetimeColumn("time", format="YYYY-MM-DD HH:mm"),
+                "target_without": st.column_config.NumberColumn(
+                    "fraud prob. without",
+                    format="%.2f",
+                    help=f"The fraud probability ({att.own_scale_value:.2f} with every"
+                    " event) once this event and the ones listed above it are removed",
+                ),
             },
         )
 

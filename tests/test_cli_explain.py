@@ -91,6 +91,12 @@ def test_text_report_shows_events_counterfactual_and_summary(
     assert "16 steps" in out
     table = [line for line in out.splitlines() if re.match(r"^\s+\d+\s+\d{4}-\d\d-\d\d ", line)]
     assert len(table) == min(10, len(ids))
+    # the fixture's model has a head: the first five rows show the fraud probability as the
+    # deletion search removed them one by one, the rest leave the column empty
+    assert "top events (the first 5 picked by a deletion search" in out and "p without" in out
+    probability = re.compile(r"\s(0|1)\.\d{3}\s")
+    assert all(probability.search(line) for line in table[:5]), table
+    assert not any(probability.search(line) for line in table[5:]), table
     assert "attribution per field:" in out and "new device" in out and "event type" in out
     assert COUNTERFACTUAL_LINE.search(out), out
     assert "summary  [backend: template; grounding: grounded]" in out
@@ -134,6 +140,11 @@ def test_json_has_attributions_per_event_and_field_and_a_grounded_summary(
     assert abs(total - gap) <= data["method"]["convergence_delta"] + 1e-3 * max(1.0, abs(gap))
     assert len(data["field_totals"]) == len(fields)
     assert abs(sum(data["field_totals"].values()) - total) < 1e-6
+
+    # the ranking: every explained event once, most important first; the search's path
+    assert sorted(att["ranking"]) == sorted(e["event_id"] for e in events)
+    assert len(att["deletion_path"]) == 5
+    assert data["method"]["ranking"].startswith("deletion search")
 
     # The options reach the code that uses them.
     assert data["method"]["n_steps"] == 12

@@ -311,13 +311,22 @@ def test_deletion_search_picks_what_brute_force_removal_finds(
     att = explain_events(loaded, events, exhaustive)
     n = att.n_events
     picked: list[int] = []
+    lowest: list[float] = []
     for _ in range(3):
         candidates = [i for i in range(n) if i not in picked]
         scores = window_target_scores(
             loaded, events, att, [np.setdiff1d(np.arange(n), [*picked, c]) for c in candidates]
         )
         picked.append(candidates[int(np.argmin(scores))])
+        lowest.append(float(scores.min()))
     assert att.order[:3].tolist() == picked
+    # the path the table shows: the target once each pick (and those before it) is removed
+    assert att.deletion_path[:3] == pytest.approx(lowest, rel=1e-5)
+    whole = window_target_scores(loaded, events, att, [np.arange(n)])
+    assert att.own_scale_value == pytest.approx(float(whole[0]), rel=1e-4)
+    table = att.top_events(8)
+    assert table["target_without"].iloc[:5].tolist() == pytest.approx(att.deletion_path.tolist())
+    assert table["target_without"].iloc[5:].isna().all()
     assert att.method_settings()["ranking"].startswith("deletion search")
 
     by_attribution = np.argsort(-att.per_event, kind="stable")

@@ -205,6 +205,10 @@ def test_why_panels_show_attributions_similar_cases_and_a_grounded_summary(
     markdown = " ".join(m.value for m in at.markdown)
     assert "ithout these 5 events the score" in markdown
     assert any("Integrated gradients (32 steps)" in c.value for c in at.caption)
+    # the top events table: the fraud probability as the deletion search removed its picks
+    top_table = next(d for d in at.dataframe if "top_field" in d.value.columns).value
+    assert top_table["target_without"].iloc[:5].between(0, 1).all()
+    assert top_table["target_without"].iloc[5:].isna().all()
     assert any("Written by **template**" in c.value for c in at.caption)
     similar_table = next(d for d in at.dataframe if "similarity" in d.value.columns)
     assert len(similar_table.value) == 8 and user not in set(similar_table.value["user_id"])
