@@ -601,7 +601,7 @@ def run(args: argparse.Namespace) -> Path:
         "without the deletion search",
         "ladder_definition": "above_threshold = users whose explained window's displayed score "
         "is at or above the alert threshold; among them, under_threshold_without_top5_share = "
-        "the share that removing the 5 most attributed events takes under it, and "
+        "the share that removing the 5 top-ranked events takes under it, and "
         "events_to_fall_below_median = the lower median of the fewest most-attributed events "
         "(5, 10, 20, 40, 80 tried: the deletion ladder the Investigate line reads) that do",
         "seconds_definition": "s_median / s_p95 in the quality rows: core.evidence.explain_user "

@@ -180,11 +180,16 @@ def _bare_server(script: Path, log: Path) -> Iterator[str]:
                     if response.status == 200:
                         break
             except OSError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=15)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _streamlit_floors(p, tmp: Path, runs: int) -> dict[str, list[float]]:

@@ -333,8 +333,8 @@ def describe_top_events(explanation: Explanation, k: int = 5) -> str:
     "2024-03-05 14:22 login (new device, 31%); …"."""
     parts = []
     for row in explanation.top_events.head(k).itertuples(index=False):
-        if row.attribution <= 0:
-            break
+        if row.attribution <= 0:  # as the facts do: the search may rank one above a positive one
+            continue
         when = pd.Timestamp(row.ts).strftime("%Y-%m-%d %H:%M")
         parts.append(f"{when} {row.event_type} ({row.top_field}, {row.share:.0%})")
     return "; ".join(parts)

@@ -127,7 +127,7 @@ class Attribution:
         """The target at the input on the deletion check's scale: the fraud probability for
         the supervised target (its logit is what is attributed), raw typicality otherwise."""
         if self.target == "supervised":
-            return 1.0 / (1.0 + math.exp(-self.target_value))
+            return float(0.5 * (1.0 + np.tanh(0.5 * self.target_value)))  # sigmoid, no overflow
         return self.target_value
 
     @property
@@ -389,12 +389,12 @@ def _attribute(
             with torch.no_grad():
                 at_input = float(func(fields, mask, fields)[0])
                 at_baseline = float(func(baseline, mask, fields)[0])
+        # One [1, L, H] tensor per field layer -> [L, F]: sum over the hidden dimension.
+        per_field = torch.stack([a[0].sum(dim=-1) for a in attributions], dim=-1)
+        per_event = per_field.sum(dim=-1).detach().double().cpu().numpy()
+        ranking, path = _refine_by_deletion(loaded, encoded, rows, target, per_event, settings)
     finally:
         model.train(was_training)
-    # One [1, L, H] tensor per field layer -> [L, F]: sum over the hidden dimension.
-    per_field = torch.stack([a[0].sum(dim=-1) for a in attributions], dim=-1)
-    per_event = per_field.sum(dim=-1).detach().double().cpu().numpy()
-    ranking, path = _refine_by_deletion(loaded, encoded, rows, target, per_event, settings)
     return Attribution(
         user_id=str(encoded.user_ids[0]),
         model_id=loaded.model_id,
@@ -436,6 +436,8 @@ def _refine_by_deletion(
     smaller drop. Written here because Captum has no deletion search (its FeatureAblation
     removes one event at a time; picking a set needs the rescoring loop).
     """
+    if not settings.deletion_tolerance >= 0:  # also refuses NaN
+        raise ValueError(f"deletion_tolerance must be >= 0, got {settings.deletion_tolerance}")
     n = rows.size
     k = min(settings.counterfactual_k, n - 1)
     pool_size = min(settings.deletion_pool, n)
@@ -460,6 +462,8 @@ def _refine_by_deletion(
         own = np.asarray(sup if target == "supervised" else raw, dtype=float)
         if before is None:
             before, own = float(own[0]), own[1:]
+        if not np.isfinite(own).all() or not math.isfinite(before):
+            break  # a score that is not a number orders nothing: keep the attribution order
         near_best = np.flatnonzero(own <= own.min() + settings.deletion_tolerance * abs(before))
         choice = candidates[int(near_best[0])]
         picked.append(choice)

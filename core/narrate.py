@@ -93,7 +93,7 @@ class CounterfactualFact:
     probability_before: float | None = None
     probability_without_top: float | None = None
     probability_without_random: float | None = None
-    # (k, displayed score without the k most attributed events) for k = 2x, 4x ... the check's
+    # (k, displayed score without the k top-ranked events) for k = 2x, 4x ... the check's
     # k, and the alert threshold to read them against: how much of the window carries the
     # score when k events do not move it.
     ladder: tuple[tuple[int, float], ...] = ()
@@ -404,13 +404,13 @@ def _ladder_sentence(cf: CounterfactualFact) -> str:
     for k, score in cf.ladder:
         if score < thr:
             return (
-                f" Only without the {k} most attributed events does it fall to {score:.2f},"
+                f" Only without the {k} top-ranked events does it fall to {score:.2f},"
                 f" under the alert threshold of {thr:.2f}: the evidence is spread over many"
                 " events."
             )
     k, score = cf.ladder[-1]
     return (
-        f" Even without the {k} most attributed events it is {score:.2f}, still above the alert"
+        f" Even without the {k} top-ranked events it is {score:.2f}, still above the alert"
         f" threshold of {thr:.2f}: the evidence is spread over most of the window."
     )
 

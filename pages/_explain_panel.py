@@ -227,11 +227,10 @@ def render(
             f"{'supervised fraud logit' if att.target == 'supervised' else 'typicality score'} "
             f"over {window}, against a neutral event; convergence delta {att.delta:.3g}."
             + (
-                f" The first {min(att.settings.counterfactual_k, att.n_events - 1)} events"
-                " listed were picked by a deletion search among the"
-                f" {att.settings.deletion_pool} most attributed: the ones whose removal lowers"
-                " the score most."
-                if att.ranking.size
+                f" The first {att.deletion_path.size} events listed were picked by a deletion"
+                f" search among the {min(att.settings.deletion_pool, att.n_events)} most"
+                " attributed: the ones whose removal lowers the score most."
+                if att.deletion_path.size
                 else ""
             )
         )

@@ -37,9 +37,9 @@ COUNTERFACTUAL_LINE = re.compile(
     r"the score ((falls|rises) from \d\.\d{2,3} to \d\.\d{2,3}|stays at \d\.\d\d); "
     r"without \d+ random events? it (stays at|falls to|rises to) \d\.\d\d\."
     # the deletion ladder's ending, when the top events leave the score above the threshold
-    r"( Only without the \d+ most attributed events does it fall to \d\.\d\d, under the alert"
+    r"( Only without the \d+ top-ranked events does it fall to \d\.\d\d, under the alert"
     r" threshold of \d\.\d\d: the evidence is spread over many events\."
-    r"| Even without the \d+ most attributed events it is \d\.\d\d, still above the alert"
+    r"| Even without the \d+ top-ranked events it is \d\.\d\d, still above the alert"
     r" threshold of \d\.\d\d: the evidence is spread over most of the window\.)?"
 )
 

@@ -312,8 +312,10 @@ def test_deletion_search_picks_what_brute_force_removal_finds(
     n = att.n_events
     picked: list[int] = []
     lowest: list[float] = []
+    by_attribution = np.argsort(-att.per_event, kind="stable")
     for _ in range(3):
-        candidates = [i for i in range(n) if i not in picked]
+        # in attribution order: on an exact tie the search keeps the more attributed event
+        candidates = [int(i) for i in by_attribution if i not in picked]
         scores = window_target_scores(
             loaded, events, att, [np.setdiff1d(np.arange(n), [*picked, c]) for c in candidates]
         )
@@ -329,7 +331,6 @@ def test_deletion_search_picks_what_brute_force_removal_finds(
     assert table["target_without"].iloc[5:].isna().all()
     assert att.method_settings()["ranking"].startswith("deletion search")
 
-    by_attribution = np.argsort(-att.per_event, kind="stable")
     # No pool: the attributions' own order. A tolerance wider than any drop: the search keeps
     # the attribution order too (every candidate is "near the best").
     plain = explain_events(
@@ -343,6 +344,9 @@ def test_deletion_search_picks_what_brute_force_removal_finds(
         ExplainSettings(n_steps=8, target=target, deletion_tolerance=1e9),  # type: ignore[arg-type]
     )
     assert lenient.order.tolist() == by_attribution.tolist()
+
+    with pytest.raises(ValueError, match="deletion_tolerance"):
+        explain_events(loaded, events, ExplainSettings(n_steps=8, deletion_tolerance=float("nan")))
 
     # the deletion check removes exactly the ranking's first five
     cf = counterfactual(loaded, events, att, k=5, random_draws=0)

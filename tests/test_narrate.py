@@ -337,12 +337,12 @@ def test_counterfactual_sentence_shape() -> None:
 def test_counterfactual_ladder_says_how_many_events_carry_the_score() -> None:
     spread = CounterfactualFact(5, 0.97, 0.95, 0.96, ladder=((10, 0.93), (20, 0.62)), threshold=0.9)
     assert counterfactual_sentence(spread).endswith(
-        " Only without the 20 most attributed events does it fall to 0.62, under the alert"
+        " Only without the 20 top-ranked events does it fall to 0.62, under the alert"
         " threshold of 0.90: the evidence is spread over many events."
     )
     everywhere = replace(spread, ladder=((10, 0.96), (20, 0.94)))
     assert counterfactual_sentence(everywhere).endswith(
-        " Even without the 20 most attributed events it is 0.94, still above the alert"
+        " Even without the 20 top-ranked events it is 0.94, still above the alert"
         " threshold of 0.90: the evidence is spread over most of the window."
     )
     # Nothing to add when the k events already bring it under, or it was never above.
@@ -351,9 +351,10 @@ def test_counterfactual_ladder_says_how_many_events_carry_the_score() -> None:
     assert "alert threshold" not in counterfactual_sentence(replace(spread, threshold=None))
     facts = make_facts(score=0.97, threshold=0.9, counterfactual=spread)
     text = TemplateNarrator().generate(facts)
-    assert "Only without the 20 most attributed events does it fall to 0.62" in text
+    assert "Only without the 20 top-ranked events does it fall to 0.62" in text
     assert check_grounding(text, facts).grounded
-    assert not check_grounding(text.replace("the 20 most", "the 30 most"), facts).grounded
+    wrong = text.replace("the 20 top-ranked", "the 30 top-ranked")
+    assert not check_grounding(wrong, facts).grounded
     assert Facts.from_dict(json.loads(json.dumps(facts.to_dict()))) == facts
 
 
