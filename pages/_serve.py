@@ -80,9 +80,24 @@ def spare_the_collector() -> int:
     return gc.get_freeze_count()
 
 
+def route_with_navigation_only() -> None:
+    """Tell Streamlit that app.py routes with st.navigation from the first request on.
+
+    A ``pages/`` folder beside app.py makes Streamlit start in its old folder-based mode until
+    some session's app.py has called st.navigation. So the first session after a start that
+    opened a deep link (``/investigate?user=u1``, say from a case ticket) was answered "Page
+    not found: running the app's main page" in a modal over the right page, since the folder
+    has no ``investigate.py``. st.navigation sets this same class flag when it runs; setting it
+    before the first request only does that earlier."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    PagesManager.uses_pages_directory = False
+
+
 def main() -> None:
     from streamlit.web import cli
 
+    route_with_navigation_only()
     seconds = preload()
     leave_a_core_for_the_browser()
     frozen = spare_the_collector()
