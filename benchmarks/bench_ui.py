@@ -97,81 +97,23 @@ def _free_port() -> int:
 
 
 @contextmanager
-def app_server(
-    db: Path,
-    models: Path,
-    log: Path,
-    startups: list[float] | None = None,
-    env_extra: dict[str, str] | None = None,
+def _serving(
+    args: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None, timeout_s: float = 90
 ) -> Iterator[str]:
-    """A fresh server started as `make run` starts it (`python -m pages._serve`: `streamlit run
-    app.py` with the page modules imported first) on a free port; stopped by its PID on exit.
-    Appends the seconds until it answered its health check to ``startups``."""
+    """`python args...` (a Streamlit server) on a free port until its health check answers;
+    yields its URL and stops it by its PID on exit."""
     port = _free_port()
-    started = time.monotonic()
-    env = {**os.environ, "FRAUDLENS_DB": str(db), "FRAUDLENS_MODELS": str(models)}
-    env.update(env_extra or {})
     with log.open("a") as out:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pages._serve",
-                *SERVER_FLAGS,
-                f"--server.port={port}",
-            ],
-            cwd=ROOT,
+            [sys.executable, *args, *SERVER_FLAGS, f"--server.port={port}"],
+            cwd=cwd,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not start; see {log}")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
-        if startups is not None:
-            startups.append(time.monotonic() - started)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-_BARE_SCRIPTS = {
-    "text": 'import streamlit as st\n\nst.write("ready")\n',
-    "plotly": "import plotly.graph_objects as go\nimport streamlit as st\n\n"
-    'st.write("ready")\n'
-    'st.plotly_chart(go.Figure(go.Scatter(x=[1, 2], y=[1, 2])), key="probe")\n',
-}
-
-
-@contextmanager
-def _bare_server(script: Path, log: Path) -> Iterator[str]:
-    """`streamlit run script` on a free port (no fraudlens code); stopped by its PID."""
-    port = _free_port()
-    with log.open("a") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(script), *SERVER_FLAGS]
-            + [f"--server.port={port}"],
-            cwd=script.parent,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"streamlit did not start; see {log}")
@@ -190,6 +132,41 @@ def _bare_server(script: Path, log: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def app_server(
+    db: Path,
+    models: Path,
+    log: Path,
+    startups: list[float] | None = None,
+    env_extra: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """A fresh server started as `make run` starts it (`python -m pages._serve`: `streamlit run
+    app.py` with the page modules imported first) on a free port; stopped by its PID on exit.
+    Appends the seconds until it answered its health check to ``startups``."""
+    started = time.monotonic()
+    env = {**os.environ, "FRAUDLENS_DB": str(db), "FRAUDLENS_MODELS": str(models)}
+    env.update(env_extra or {})
+    with _serving(["-m", "pages._serve"], ROOT, log, env) as url:
+        if startups is not None:
+            startups.append(time.monotonic() - started)
+        yield url
+
+
+_BARE_SCRIPTS = {
+    "text": 'import streamlit as st\n\nst.write("ready")\n',
+    "plotly": "import plotly.graph_objects as go\nimport streamlit as st\n\n"
+    'st.write("ready")\n'
+    'st.plotly_chart(go.Figure(go.Scatter(x=[1, 2], y=[1, 2])), key="probe")\n',
+}
+
+
+@contextmanager
+def _bare_server(script: Path, log: Path) -> Iterator[str]:
+    """`streamlit run script` on a free port (no fraudlens code); stopped by its PID."""
+    with _serving(["-m", "streamlit", "run", str(script)], script.parent, log, None, 60) as url:
+        yield url
 
 
 def _streamlit_floors(p, tmp: Path, runs: int) -> dict[str, list[float]]:
