@@ -797,6 +797,9 @@ class _Source:
     stage_sql: str | None = None
 
 
+# Scratch-table names. These fixed module constants are the only identifiers this module puts
+# into f-string SQL; every value from outside (paths, user ids, times, batch ids) is a ? / $name
+# parameter.
 _REJECTS = "__fl_reject_errors"
 _REJECT_SCANS = "__fl_reject_scans"
 _REJECTS_AGAIN = "__fl_reject_errors_again"
@@ -912,6 +915,7 @@ def _run_batch(
             # A CTAS keeps the scan's order, so rowid is the row ordinal; numbering in the
             # read (row_number() OVER ()) would force the parse onto one thread.
             rowid0 = _first_rowid(con, _CHECKED)
+            # _CHECKED: a scratch-table constant (see above); the value is a parameter
             con.execute(f"UPDATE {_CHECKED} SET __n = rowid - ? + 1", [rowid0])  # noqa: S608
         if "event_id" in plans:
             _mark_duplicate_ids(con, src, params)
@@ -942,12 +946,14 @@ def _run_batch(
                 " AS line, CAST(NULL AS VARCHAR) AS error_type, CAST(NULL AS VARCHAR) AS"
                 " csv_line LIMIT 0"
             )
+            # _REJECTS: a scratch-table constant (see above), no value in the SQL
             row = _one(con.execute(f"SELECT count(DISTINCT line) FROM {_REJECTS}"))  # noqa: S608
             n_broken = int(row[0]) if row else 0
         rows_read = int(n_rows) + n_broken
         if rows_read == 0:
             raise IngestError(f"{Path(src.name).name}: no rows")
-        con.execute(f"DROP TABLE IF EXISTS {_STAGE}")  # memory: _CHECKED has what is needed
+        # _STAGE: a scratch-table constant (see above). Dropped for memory: _CHECKED has all
+        con.execute(f"DROP TABLE IF EXISTS {_STAGE}")  # noqa: S608
         _sessionize(con, params)
         _step_done("sort")
 
