@@ -15,6 +15,8 @@ from core import schema, store
 from core.config import MODEL_SIZE_NAMES, get_settings
 
 if TYPE_CHECKING:
+    import duckdb
+
     from core.evidence import Explanation
     from core.narrate import Summary
 
@@ -38,6 +40,14 @@ def _db(db: Path | None) -> Path:
 def _fail(message: str, code: int = 1) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
+
+
+def _connect(db: Path | None, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """The command's database, or exit with the store's message (missing file, held lock)."""
+    try:
+        return store.connect(_db(db), read_only=read_only)
+    except store.StoreError as exc:
+        raise _fail(str(exc)) from None
 
 
 THRESHOLD_HELP = (
@@ -148,10 +158,7 @@ def ingest(
 
     reports: list[dict[str, object]] = []
     failures = 0
-    try:
-        con = store.connect(_db(db))
-    except store.StoreError as exc:
-        raise _fail(str(exc)) from None
+    con = _connect(db)
     try:
         for path in tqdm(paths, desc="ingesting", unit="file", disable=len(paths) < 2):
             try:
@@ -437,10 +444,7 @@ def export_scores(
     from core.export import export_user_scores
 
     start_ts, end_ts = _parse_ts(start, "--start"), _parse_ts(end, "--end")
-    try:
-        con = store.connect(_db(db), read_only=True)
-    except store.StoreError as exc:
-        raise _fail(str(exc)) from None
+    con = _connect(db, read_only=True)
     try:
         n = export_user_scores(con, out, model_id=model, start=start_ts, end=end_ts)
     except ValueError as exc:
@@ -590,10 +594,7 @@ def watchlist(
     from core.export import write_csv
 
     lo, hi = _parse_ts(start, "--start"), _parse_ts(end, "--end")
-    try:
-        con = store.connect(_db(db), read_only=True)
-    except store.StoreError as exc:
-        raise _fail(str(exc)) from None
+    con = _connect(db, read_only=True)
     try:
         found = _model_id(con, model)
         if found is None:
@@ -648,10 +649,7 @@ def shared(
     if entity is not None and entity.lower() not in kinds:
         raise _fail(f"--entity must be one of {', '.join(rings.ENTITY_ORDER)}", 2)
     lo, hi = _parse_ts(start, "--start"), _parse_ts(end, "--end")
-    try:
-        con = store.connect(_db(db), read_only=True)
-    except store.StoreError as exc:
-        raise _fail(str(exc)) from None
+    con = _connect(db, read_only=True)
     try:
         model_id = _model_id(con, model)
         scores = pd.DataFrame({"user_id": pd.Series(dtype=str), "score": pd.Series(dtype=float)})
@@ -712,10 +710,7 @@ def evaluate(
         device=device,
         unseen_seed=None if unseen_seed < 0 else unseen_seed,
     )
-    try:
-        con = store.connect(_db(db))
-    except store.StoreError as exc:
-        raise _fail(str(exc)) from None
+    con = _connect(db)
     try:
         with tempfile.TemporaryDirectory(prefix="fraudlens-eval-") as work:
             report = run_evaluation(con, cfg, work_dir=Path(work))
