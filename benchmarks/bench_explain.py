@@ -233,6 +233,7 @@ def explain_sample(
     for i, (user_id, typology) in enumerate(users, start=1):
         with store.open_db(db, read_only=True) as con:
             truth = fraud_event_ids(con, user_id)
+            events = store.user_events(con, user_id, None, None)  # for the deletion checks
             t0 = time.perf_counter()
             explanation = explain_user(
                 con,
@@ -255,8 +256,8 @@ def explain_sample(
         if in_window:
             top = set(att.top_events(HIT_K)["event_id"].astype(int).tolist())
             hit = len(top & in_window) / min(HIT_K, len(in_window))
-        at_m = deletion_at_injected_count(db, loaded, user_id, att, in_window)
-        at_m.update(attribution_only(db, loaded, user_id, att, in_window))
+        at_m = deletion_at_injected_count(loaded, events, att, in_window)
+        at_m.update(attribution_only(loaded, events, att, in_window))
         out.users.append(
             UserResult(
                 user_id=user_id,
@@ -282,11 +283,10 @@ def explain_sample(
 
 
 def attribution_only(
-    db: Path, loaded: object, user_id: str, att: object, injected: set[int]
+    loaded: object, events: object, att: object, injected: set[int]
 ) -> dict[str, object]:
     """Hit-rate@5 and the top-5 target drop when the top events are the attributions' own
     order, without the deletion search that refines the explanation's first events."""
-    from core import store
     from core.explain import window_target_scores
 
     ids = att.event_ids  # type: ignore[attr-defined]
@@ -299,11 +299,9 @@ def attribution_only(
             HIT_K, len(injected)
         )
     if k > 0:
-        with store.open_db(db, read_only=True) as con:
-            events = store.user_events(con, user_id, None, None)
         before, without = window_target_scores(
             loaded,  # type: ignore[arg-type]
-            events,
+            events,  # type: ignore[arg-type]
             att,  # type: ignore[arg-type]
             [np.arange(n), np.sort(order[k:])],
         )
@@ -312,7 +310,7 @@ def attribution_only(
 
 
 def deletion_at_injected_count(
-    db: Path, loaded: object, user_id: str, att: object, injected: set[int], draws: int = 5
+    loaded: object, events: object, att: object, injected: set[int], draws: int = 5
 ) -> dict[str, object]:
     """The deletion check at k = m, the injected events inside the explained window: how much
     of the target removing all of them takes away,
@@ -320,7 +318,6 @@ def deletion_at_injected_count(
     events' share is a reference, not a bound: other events can carry more. Fraud often
     spans dozens of events, where no 5 events can carry the score; this says whether the
     attributions find what carries it. Empty when the window is all or none injected."""
-    from core import store
     from core.explain import window_target_scores
 
     ids = att.event_ids  # type: ignore[attr-defined]
@@ -332,8 +329,6 @@ def deletion_at_injected_count(
     rng = np.random.default_rng(0)
     keep = [np.arange(n), np.flatnonzero(~is_injected), order[m:]]
     keep += [rng.permutation(n)[m:] for _ in range(draws)]
-    with store.open_db(db, read_only=True) as con:
-        events = store.user_events(con, user_id, None, None)
     scores = window_target_scores(loaded, events, att, keep)  # type: ignore[arg-type]
     before = float(scores[0])
     return {
