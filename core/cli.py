@@ -860,18 +860,27 @@ def _explanation_json(
             "baseline_value": att.baseline_value,
             "n_events": att.n_events,
             "n_events_total": att.n_events_total,
+            "n_context": att.n_context,
             "field_names": list(att.field_names),
             # most important first (the deletion search's picks, then attribution order), and
             # the target on its own scale as the search removed its picks one by one
             "ranking": att.event_ids[att.order].tolist(),
             "deletion_path": att.deletion_path.tolist(),
+            # the window's events; "context": before the range, read but not explained
             "events": [
-                {"event_id": int(eid), "ts": str(ts), "attribution": float(total), "per_field": pf}
-                for eid, ts, total, pf in zip(
+                {
+                    "event_id": int(eid),
+                    "ts": str(ts),
+                    "attribution": float(total),
+                    "per_field": pf,
+                    "context": not inside,
+                }
+                for eid, ts, total, pf, inside in zip(
                     att.event_ids.tolist(),
                     att.ts.astype("datetime64[us]").tolist(),
                     att.per_event.tolist(),
                     att.per_field.tolist(),
+                    att.in_range.tolist(),
                     strict=True,
                 )
             ],
@@ -910,6 +919,7 @@ def _print_explanation(explanation: Explanation, summary: Summary, threshold_sou
     typer.echo(
         f"attribution  {att.n_events} of {att.n_events_total} events explained, target "
         f"{att.target}, {method['n_steps']} steps, convergence delta {att.delta:.2e}"
+        + (f"; {att.n_context} earlier events read as context" if att.n_context else "")
     )
 
     typer.echo("")

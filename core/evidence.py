@@ -223,14 +223,17 @@ def explain_user(
 
     settings = settings or ExplainSettings()
     with store.using(db, read_only=read_only) as con:
-        events = store.user_events(con, user_id, start, end)
+        # Everything before the range too: the model's context (see core.explain), as ranged
+        # scoring reads it; the facts and statistics describe the range's events only.
+        history = store.user_events(con, user_id, None, end)
+    events = history if start is None else history[history["ts"] >= schema.naive_utc(start)]
     if events.empty:
         return None
-    attribution = explain_events(loaded, events, settings)
-    check = counterfactual(loaded, events, attribution, weight=weight, threshold=threshold)
+    attribution = explain_events(loaded, history, settings, start=start)
+    check = counterfactual(loaded, history, attribution, weight=weight, threshold=threshold)
 
     top = attribution.top_events(top_k)
-    detail = events.set_index("event_id")
+    detail = history.set_index("event_id")
     top = top.join(detail.drop(columns=["ts"], errors="ignore"), on="event_id")
     event_facts = []
     for row in top.head(5).itertuples(index=False):
@@ -309,8 +312,12 @@ def explain_user(
             for r in signals.itertuples(index=False)
         ),
     )
+    explained = attribution.in_range
     timeline = pd.DataFrame(
-        {"event_id": attribution.event_ids, "attribution": attribution.per_event}
+        {
+            "event_id": attribution.event_ids[explained],
+            "attribution": attribution.per_event[explained],
+        }
     )
     return Explanation(
         attribution=attribution,

@@ -28,6 +28,12 @@ are then picked by a short deletion search among the most attributed ones (see
 ``_refine_by_deletion``): the events whose removal lowers the score most, attribution order kept
 unless it costs a clearly smaller drop.
 
+With a time range (``start``), the events before it are the model's context only, as in ranged
+scoring (core.scoring.score_users): a device already seen last month is not "new" at the
+range's first event, and the first event's gap is the real one. They are not ranked, removed or
+counted; the unsupervised target reads the range's events only; the supervised head reads the
+window (history included), as the ranged score does.
+
 Attribution touches the shared model (Captum registers hooks on the embedding layers), so it
 runs under ``LoadedModel.lock``; it needs gradients, so it never runs under
 ``torch.inference_mode()``.
@@ -39,6 +45,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Literal
 
 import numpy as np
@@ -49,8 +56,9 @@ from captum.attr import LayerIntegratedGradients
 
 from core.model import BehaviorModel
 from core.narrate import CounterfactualFact, counterfactual_sentence
+from core.schema import naive_utc
 from core.scoring import DEFAULT_UNSUPERVISED_WEIGHT, LoadedModel, combine_scores
-from core.sequences import ABSENT, PAD, EncodedEvents, make_windows
+from core.sequences import ABSENT, FLAG_SEEN, PAD, EncodedEvents, make_windows
 
 Target = Literal["auto", "supervised", "unsupervised"]
 
@@ -65,6 +73,14 @@ FIELD_LABELS: dict[str, str] = {
     "new_ip": "new IP",
     "new_country": "new country",
     "new_card": "new card",
+}
+# A "new_*" field is a flag: when it carried an event's score with the value *not new*, the
+# event's top field says so (a card seen last month is not a "new card").
+SEEN_LABELS: dict[str, str] = {
+    "new_device": "device seen before",
+    "new_ip": "IP seen before",
+    "new_country": "country seen before",
+    "new_card": "card seen before",
 }
 
 
@@ -109,18 +125,33 @@ class Attribution:
     # The target on its own scale (fraud probability / raw typicality) once the search's first
     # i + 1 picks are removed from the window, one value per pick.
     deletion_path: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float64))
+    # The range's first instant: window events before it are context (see the module's doc).
+    range_start: np.datetime64 | None = None
+    # int [n, n_fields]: the window's encoded field values (which flags were on).
+    fields: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
 
     @property
     def per_event(self) -> np.ndarray:
         return self.per_field.sum(axis=1)
 
     @property
+    def in_range(self) -> np.ndarray:
+        """bool [n]: the window's events inside the explained range (the rest is context)."""
+        return _in_range(self.ts, self.range_start)
+
+    @property
+    def n_context(self) -> int:
+        """Events of the window before the range: the model's context, not explained."""
+        return int(self.event_ids.size - self.in_range.sum())
+
+    @property
     def order(self) -> np.ndarray:
-        """Window positions, most important first (what "top events" and the deletion
-        check read)."""
-        if self.ranking.size == self.per_field.shape[0]:
+        """Window positions of the range's events, most important first (what "top events"
+        and the deletion check read)."""
+        positions = np.flatnonzero(self.in_range)
+        if self.ranking.size == positions.size:
             return self.ranking
-        return np.argsort(-self.per_event, kind="stable")
+        return positions[np.argsort(-self.per_event[positions], kind="stable")]
 
     @property
     def own_scale_value(self) -> float:
@@ -132,12 +163,14 @@ class Attribution:
 
     @property
     def n_events(self) -> int:
-        return int(self.event_ids.size)
+        """The range's events in the window (the explained ones)."""
+        return int(self.in_range.sum())
 
     def field_totals(self) -> pd.Series:
-        """Sum of attribution per field, named as analysts read them."""
+        """Sum of attribution per field over the range's events, named as analysts read them."""
         return pd.Series(
-            self.per_field.sum(axis=0), index=[FIELD_LABELS.get(f, f) for f in self.field_names]
+            self.per_field[self.in_range].sum(axis=0),
+            index=[FIELD_LABELS.get(f, f) for f in self.field_names],
         )
 
     def top_events(self, k: int = 10) -> pd.DataFrame:
@@ -147,7 +180,8 @@ class Attribution:
         deletion search's path; NaN past it)."""
         per_event = self.per_event
         order = self.order[:k]
-        positive = float(per_event[per_event > 0].sum()) or 1.0
+        explained = per_event[self.in_range]
+        positive = float(explained[explained > 0].sum()) or 1.0
         top_field = self.per_field[order].argmax(axis=1) if order.size else np.zeros(0, int)
         path = np.full(order.size, np.nan)
         if self.ranking.size:
@@ -159,10 +193,18 @@ class Attribution:
                 "ts": self.ts[order],
                 "attribution": per_event[order],
                 "share": np.clip(per_event[order] / positive, 0.0, None),
-                "top_field": [FIELD_LABELS.get(self.field_names[j], "") for j in top_field],
+                "top_field": [
+                    self._field_label(p, j) for p, j in zip(order, top_field, strict=True)
+                ],
                 "target_without": path,
             }
         )
+
+    def _field_label(self, position: int, j: int) -> str:
+        name = self.field_names[j]
+        if name in SEEN_LABELS and self.fields.size and self.fields[position, j] == FLAG_SEEN:
+            return SEEN_LABELS[name]
+        return FIELD_LABELS.get(name, "")
 
     def method_settings(self) -> dict[str, object]:
         settings = asdict(self.settings)
@@ -177,6 +219,7 @@ class Attribution:
             else "attribution",
             "target": self.target,
             "convergence_delta": self.delta,
+            "context_events": self.n_context,
         }
 
 
@@ -275,8 +318,14 @@ class _TargetFunction:
         self.evidence_cap = int(ref.evidence_cap)
 
     def __call__(
-        self, fields: torch.Tensor, mask: torch.Tensor, observed: torch.Tensor
+        self,
+        fields: torch.Tensor,
+        mask: torch.Tensor,
+        observed: torch.Tensor,
+        scored: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``scored`` ([B, L] bool, default ``mask``): the events the unsupervised target
+        reads (a range's events; those before it are context only)."""
         model = self.model
         # Captum repeats additional arguments once per step; `observed` is the input itself.
         parts, presence = [], []
@@ -291,8 +340,9 @@ class _TargetFunction:
             return result.sequence_logit
         assert result.field_nll is not None
         z = (result.field_nll.float() - self.field_mean) / self.field_std
-        z = z * torch.stack(presence, dim=-1) * mask[..., None]
-        n = mask.sum(dim=1).clamp(min=1).float()
+        read = mask if scored is None else mask & scored
+        z = z * torch.stack(presence, dim=-1) * read[..., None]
+        n = read.sum(dim=1).clamp(min=1).float()
         means = z.sum(dim=1) / n[:, None]
         return means.norm(dim=-1) * torch.sqrt(n.clamp(max=self.evidence_cap))
 
@@ -308,6 +358,20 @@ def _path_fraction(out: torch.Tensor, weight: torch.Tensor, observed: torch.Tens
     return torch.where(norm2 > 0, along / norm2.clamp(min=1e-12), torch.ones_like(norm2))
 
 
+def _in_range(ts: np.ndarray, start: np.datetime64 | None) -> np.ndarray:
+    if start is None:
+        return np.ones(ts.shape, dtype=bool)
+    return ts >= start
+
+
+def _range_start(start: datetime | np.datetime64 | None) -> np.datetime64 | None:
+    if start is None:
+        return None
+    if isinstance(start, datetime):
+        start = naive_utc(start)
+    return np.datetime64(start, "us")
+
+
 def resolve_target(loaded: LoadedModel, target: Target) -> Literal["supervised", "unsupervised"]:
     if target == "auto":
         return "supervised" if loaded.supervised else "unsupervised"
@@ -319,39 +383,55 @@ def resolve_target(loaded: LoadedModel, target: Target) -> Literal["supervised",
 # -- public API ----------------------------------------------------------------------------------
 
 
-def _window_rows(encoded: EncodedEvents, loaded: LoadedModel, target: str) -> np.ndarray:
-    """Rows of the user's window to explain: all events when they fit, else the max_len
-    window with the highest target (one batched no-grad pass over the user's windows)."""
+def _window_rows(
+    encoded: EncodedEvents, loaded: LoadedModel, target: str, in_range: np.ndarray
+) -> np.ndarray:
+    """Rows of the user's window to explain: all events when they fit, else, among the
+    max_len windows that end inside the range, the one with the highest target (one batched
+    no-grad pass), as ranged scoring reads the supervised head."""
     n = encoded.n_events
     max_len = int(loaded.model.config.max_len)
     if n <= max_len:
         return np.arange(n, dtype=np.int64)
     windows = make_windows(encoded, max_len=max_len)
-    fields = torch.from_numpy(windows.fields.astype(np.int64)).to(loaded.device)
-    mask = torch.from_numpy(windows.mask).to(loaded.device)
+    positions = windows.start[:, None] + np.arange(max_len)
+    reaching = np.flatnonzero(in_range[windows.start + windows.lengths() - 1])
+    rows = np.minimum(positions[reaching], n - 1)
+    scored = in_range[rows] & windows.mask[reaching]
+    fields = torch.from_numpy(windows.fields[reaching].astype(np.int64)).to(loaded.device)
+    mask = torch.from_numpy(windows.mask[reaching]).to(loaded.device)
     func = _TargetFunction(loaded, "supervised" if target == "supervised" else "unsupervised")
     with torch.no_grad():
-        values = func(fields, mask, fields).float().cpu().numpy()
-    best = int(np.argmax(values))
-    return np.arange(int(windows.start[best]), int(windows.start[best]) + max_len)
+        values = func(fields, mask, fields, torch.from_numpy(scored).to(loaded.device))
+    best = int(windows.start[reaching[int(np.argmax(values.float().cpu().numpy()))]])
+    return np.arange(best, best + max_len)
 
 
 def explain_events(
     loaded: LoadedModel,
     events: pd.DataFrame | pa.Table,
     settings: ExplainSettings | None = None,
+    *,
+    start: datetime | np.datetime64 | None = None,
 ) -> Attribution:
-    """Attributions for one user's events (as core.sequences.load_events returns them)."""
+    """Attributions for one user's events (as core.sequences.load_events returns them).
+
+    ``start``: explain the events from ``start`` on, the earlier ones in ``events`` being the
+    model's context (pass the user's history before the range: see the module's doc)."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError("attributions need gradients: do not call under torch.inference_mode()")
     settings = settings or ExplainSettings()
     encoded = loaded.featurizer.transform(events)
     if encoded.n_users != 1:
         raise ValueError(f"explain_events takes one user's events, got {encoded.n_users} users")
+    range_start = _range_start(start)
+    in_range = _in_range(encoded.ts, range_start)
+    if not in_range.any():
+        raise ValueError(f"no event at or after {start}: nothing to explain")
     target = resolve_target(loaded, settings.target)
     with loaded.lock:
-        rows = _window_rows(encoded, loaded, target)
-        return _attribute(loaded, encoded, rows, target, settings)
+        rows = _window_rows(encoded, loaded, target, in_range)
+        return _attribute(loaded, encoded, rows, target, settings, range_start)
 
 
 def _attribute(
@@ -360,6 +440,7 @@ def _attribute(
     rows: np.ndarray,
     target: Literal["supervised", "unsupervised"],
     settings: ExplainSettings,
+    range_start: np.datetime64 | None = None,
 ) -> Attribution:
     model = loaded.model
     device = loaded.device
@@ -367,6 +448,8 @@ def _attribute(
     model.eval()
     fields = torch.from_numpy(encoded.fields[rows].astype(np.int64))[None].to(device)
     mask = torch.ones(fields.shape[:2], dtype=torch.bool, device=device)
+    in_range = _in_range(encoded.ts, range_start)
+    scored = torch.from_numpy(in_range[rows])[None].to(device)
     baseline = torch.where(fields == PAD, fields, torch.full_like(fields, ABSENT))
     func = _TargetFunction(loaded, target)
     layers = list(model.field_embeddings.values())
@@ -380,19 +463,21 @@ def _attribute(
             attributions, delta = lig.attribute(
                 inputs=fields,
                 baselines=baseline,
-                additional_forward_args=(mask, fields),
+                additional_forward_args=(mask, fields, scored),
                 n_steps=settings.n_steps,
                 method=settings.method,
                 internal_batch_size=settings.internal_batch_size,
                 return_convergence_delta=True,
             )
             with torch.no_grad():
-                at_input = float(func(fields, mask, fields)[0])
-                at_baseline = float(func(baseline, mask, fields)[0])
+                at_input = float(func(fields, mask, fields, scored)[0])
+                at_baseline = float(func(baseline, mask, fields, scored)[0])
         # One [1, L, H] tensor per field layer -> [L, F]: sum over the hidden dimension.
         per_field = torch.stack([a[0].sum(dim=-1) for a in attributions], dim=-1)
         per_event = per_field.sum(dim=-1).detach().double().cpu().numpy()
-        ranking, path = _refine_by_deletion(loaded, encoded, rows, target, per_event, settings)
+        ranking, path = _refine_by_deletion(
+            loaded, encoded, rows, target, per_event, settings, in_range
+        )
     finally:
         model.train(was_training)
     return Attribution(
@@ -406,11 +491,13 @@ def _attribute(
         target_value=at_input,
         baseline_value=at_baseline,
         delta=float(delta.abs().max()),
-        n_events_total=encoded.n_events,
+        n_events_total=int(in_range.sum()),
         settings=settings,
         window_rows=rows,
         ranking=ranking,
         deletion_path=path,
+        range_start=range_start,
+        fields=encoded.fields[rows].astype(np.int64),
     )
 
 
@@ -421,11 +508,13 @@ def _refine_by_deletion(
     target: Literal["supervised", "unsupervised"],
     per_event: np.ndarray,
     settings: ExplainSettings,
+    in_range: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ranking, path). The ranking: window positions, most important first, the first
     ``counterfactual_k`` picked one at a time by a deletion search among the
     ``deletion_pool`` most attributed events, the rest by attribution (empty when there is
     nothing to search). The path: the target on its own scale after each pick is removed.
+    Only the range's events (``in_range``, per encoded row) are ranked or removed.
 
     Why: integrated gradients credit each event alone, but the analyst is told what removing
     the top events does to the score, and evidence overlaps (two events that say the same
@@ -439,11 +528,12 @@ def _refine_by_deletion(
     if not settings.deletion_tolerance >= 0:  # also refuses NaN
         raise ValueError(f"deletion_tolerance must be >= 0, got {settings.deletion_tolerance}")
     n = rows.size
-    k = min(settings.counterfactual_k, n - 1)
-    pool_size = min(settings.deletion_pool, n)
+    explained = np.flatnonzero(in_range[rows])
+    k = min(settings.counterfactual_k, explained.size - 1)
+    pool_size = min(settings.deletion_pool, explained.size)
     if k <= 0 or pool_size <= 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
-    by_attribution = np.argsort(-per_event, kind="stable")
+    by_attribution = explained[np.argsort(-per_event[explained], kind="stable")]
     pool = by_attribution[:pool_size].tolist()
     picked: list[int] = []
     path: list[float] = []
@@ -458,7 +548,7 @@ def _refine_by_deletion(
             keep[c] = False
             subsets.append(rows[keep])
             keep[c] = True
-        _, sup, raw = _subset_scores(loaded, encoded, subsets)
+        _, sup, raw = _subset_scores(loaded, encoded, subsets, scored=in_range)
         own = np.asarray(sup if target == "supervised" else raw, dtype=float)
         if before is None:
             before, own = float(own[0]), own[1:]
@@ -498,11 +588,14 @@ def _aggregate_probabilities(
     encoded: EncodedEvents,
     row_sets: Sequence[np.ndarray],
     events: pd.DataFrame | pa.Table | None,
+    scored: np.ndarray | None = None,
 ) -> np.ndarray | None:
     if loaded.aggregate is None or events is None:
         return None
     frame = events.to_pandas() if isinstance(events, pa.Table) else events
     by_id = frame.set_index("event_id", drop=False)
+    if scored is not None:  # the range's aggregates, as ranged scoring computes them
+        row_sets = [rows[scored[rows]] for rows in row_sets]
     subsets = [by_id.loc[encoded.event_ids[rows]].reset_index(drop=True) for rows in row_sets]
     return loaded.aggregate.predict_event_sets(subsets)
 
@@ -514,8 +607,12 @@ def _subset_scores(
     *,
     weight: float | None = None,
     events: pd.DataFrame | pa.Table | None = None,
+    scored: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(displayed score, supervised probability or NaN, raw typicality) per subset."""
+    """(displayed score, supervised probability or NaN, raw typicality) per subset.
+
+    ``scored`` (bool per encoded row, default all): the events the typicality and the
+    account-level model read; the others are the head's and the next events' context only."""
     max_len = int(loaded.model.config.max_len)
     width = max(1, max(len(r) for r in row_sets))
     if width > max_len:
@@ -523,9 +620,11 @@ def _subset_scores(
     n_fields = encoded.fields.shape[1]
     fields = np.zeros((len(row_sets), width, n_fields), dtype=np.int64)
     mask = np.zeros((len(row_sets), width), dtype=bool)
+    read = np.zeros((len(row_sets), width), dtype=bool)
     for i, rows in enumerate(row_sets):
         fields[i, : len(rows)] = encoded.fields[rows]
         mask[i, : len(rows)] = True
+        read[i, : len(rows)] = True if scored is None else scored[rows]
     with torch.no_grad():
         out = loaded.model(
             fields=torch.from_numpy(fields).to(loaded.device),
@@ -533,8 +632,8 @@ def _subset_scores(
         )
     assert out.field_nll is not None
     field_nll = out.field_nll.float().cpu().numpy()
-    lengths = mask.sum(axis=1)
-    flat = field_nll[mask]  # rows in subset order, subsets contiguous
+    lengths = read.sum(axis=1)
+    flat = field_nll[read]  # rows in subset order, subsets contiguous
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     raw = loaded.reference.user_scores(flat, offsets)
     pct = loaded.reference.percentile(raw)
@@ -542,7 +641,7 @@ def _subset_scores(
     if loaded.supervised:
         sup = 1.0 / (1.0 + np.exp(-out.sequence_logit.float().cpu().numpy()))
     w = DEFAULT_UNSUPERVISED_WEIGHT if weight is None else weight
-    aggregate = _aggregate_probabilities(loaded, encoded, row_sets, events)
+    aggregate = _aggregate_probabilities(loaded, encoded, row_sets, events, scored)
     shown = combine_scores(pct, sup, w, aggregate=aggregate)
     return shown, np.full(len(row_sets), np.nan) if sup is None else sup, raw
 
@@ -559,6 +658,7 @@ def window_target_scores(
     checks of any size."""
     encoded = loaded.featurizer.transform(events)
     rows = attribution.window_rows
+    scored = _in_range(encoded.ts, attribution.range_start)
     subsets = []
     for k in keep:
         positions = np.unique(np.asarray(k, dtype=np.int64))
@@ -568,7 +668,7 @@ def window_target_scores(
             raise ValueError(f"window positions run from 0 to {rows.size - 1}")
         subsets.append(rows[positions])
     with loaded.lock:
-        _, sup, raw = _subset_scores(loaded, encoded, subsets)
+        _, sup, raw = _subset_scores(loaded, encoded, subsets, scored=scored)
     return np.asarray(sup if attribution.target == "supervised" else raw, dtype=float)
 
 
@@ -596,18 +696,25 @@ def counterfactual(
     draws = s.random_draws if random_draws is None else random_draws
     rng = np.random.default_rng(s.seed if seed is None else seed)
     encoded = loaded.featurizer.transform(events)
+    scored = _in_range(encoded.ts, attribution.range_start)
     rows = attribution.window_rows
-    n = rows.size
+    explained = np.flatnonzero(attribution.in_range)  # context events are never removed
+    n = explained.size
     k = max(0, min(k, n - 1))  # keep at least one event to score
     order = attribution.order
 
+    def without(positions: np.ndarray) -> np.ndarray:
+        keep = np.ones(rows.size, dtype=bool)
+        keep[positions] = False
+        return rows[keep]
+
     def without_top(m: int) -> np.ndarray:
-        return rows[np.sort(order[m:])]
+        return without(order[:m])
 
     subsets = [rows, without_top(k)]
     for _ in range(draws):
-        drop = set(rng.choice(n, size=k, replace=False).tolist()) if k else set()
-        subsets.append(rows[[i for i in range(n) if i not in drop]])
+        drop = rng.choice(n, size=k, replace=False) if k else np.zeros(0, dtype=np.int64)
+        subsets.append(without(explained[drop]))
     ladder_k: list[int] = []
     step = 2 * k
     while k and step < n:
@@ -615,7 +722,9 @@ def counterfactual(
         step *= 2
     subsets += [without_top(m) for m in ladder_k]
     with loaded.lock:
-        scores, sup, raw = _subset_scores(loaded, encoded, subsets, weight=weight, events=events)
+        scores, sup, raw = _subset_scores(
+            loaded, encoded, subsets, weight=weight, events=events, scored=scored
+        )
     own = sup if attribution.target == "supervised" else raw
     first = 2 + draws  # the ladder's subsets follow the random draws
     ladder = tuple(

@@ -322,6 +322,10 @@ _FIELD_OF_LABEL = {
     "new IP": "ip",
     "new country": "country",
     "new card": "card_id",
+    "device seen before": "device_id",
+    "IP seen before": "ip",
+    "country seen before": "country",
+    "card seen before": "card_id",
     "price": "price",
     "category": "category",
 }

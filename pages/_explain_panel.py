@@ -227,6 +227,12 @@ def render(
             f"{'supervised fraud logit' if att.target == 'supervised' else 'typicality score'} "
             f"over {window}, against a neutral event; convergence delta {att.delta:.3g}."
             + (
+                f" The {att.n_context} events before the range were read as context only"
+                " (what the model knew when the range began), not ranked."
+                if att.n_context
+                else ""
+            )
+            + (
                 f" The first {att.deletion_path.size} events listed were picked by a deletion"
                 f" search among the {min(att.settings.deletion_pool, att.n_events)} most"
                 " attributed: the ones whose removal lowers the score most."

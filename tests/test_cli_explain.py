@@ -265,3 +265,26 @@ def test_an_ungrounded_summary_is_flagged_loudly_with_the_template_beside_it(
     shown, _, beside = out.partition("template summary (grounded, from the facts only):")
     assert "98,765.43" in shown
     assert f"User {user} scores" in beside and "zz-ghost-device-77" not in beside
+
+
+def test_a_ranged_explanation_reads_the_events_before_it_as_context(demo_env: DemoEnv) -> None:
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        user, start = con.execute(
+            "SELECT user_id, quantile_disc(ts, 0.5) FROM events GROUP BY 1 "
+            "HAVING count(*) >= 40 ORDER BY 1 LIMIT 1"
+        ).fetchone()  # type: ignore[misc]
+    result = invoke(
+        str(user),
+        "--db",
+        str(demo_env.db_path),
+        "--start",
+        f"{start:%Y-%m-%dT%H:%M:%S.%f}",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    att = json.loads(result.stdout)["attribution"]
+    assert att["n_context"] > 0
+    assert sum(e["context"] for e in att["events"]) == att["n_context"]
+    inside = {e["event_id"] for e in att["events"] if not e["context"]}
+    assert set(att["ranking"]) == inside
+    assert all(e["ts"] >= str(start) for e in att["events"] if not e["context"])

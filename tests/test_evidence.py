@@ -172,3 +172,27 @@ def test_reading_an_explanation_at_another_threshold_equals_computing_it_there(
     assert moved.attribution is low.attribution  # nothing recomputed
     assert moved.counterfactual.sentence() == high.counterfactual.sentence()
     assert at_threshold(low, 0.3) is low
+
+
+def test_a_ranged_explanation_describes_the_range_read_with_its_history(
+    demo_env: DemoEnv, loaded: LoadedModel
+) -> None:
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        user = con.execute(
+            "SELECT user_id FROM events GROUP BY user_id HAVING count(*) >= 40 ORDER BY 1 LIMIT 1"
+        ).fetchone()[0]  # type: ignore[index]
+        history = store.user_events(con, user)
+    start = history["ts"].iloc[len(history) // 2].to_pydatetime()
+    in_range = history[history["ts"] >= start]
+    found = explain_user(demo_env.db_path, loaded, user, start, None, threshold=0.5)
+    assert found is not None
+    att = found.attribution
+    assert found.facts.n_events == len(in_range)
+    assert found.facts.first_ts == in_range["ts"].min().to_pydatetime()
+    assert att.n_context > 0 and att.n_events == len(in_range)
+    in_ids = set(in_range["event_id"])
+    assert set(found.timeline_attribution["event_id"]) == in_ids
+    assert set(found.top_events["event_id"]) <= in_ids
+    assert {e.event_id for e in found.facts.top_events} <= in_ids
+    summary = narrate(found.facts, TemplateNarrator())
+    assert not summary.flagged, summary.grounding.problems

@@ -19,7 +19,7 @@ from core.explain import (
     resolve_target,
     window_target_scores,
 )
-from core.scoring import LoadedModel, combine_scores, load_model
+from core.scoring import LoadedModel, combine_scores, load_model, score_users
 from core.sequences import ABSENT, PAD, load_events
 from tests.conftest import DemoEnv
 
@@ -352,3 +352,88 @@ def test_deletion_search_picks_what_brute_force_removal_finds(
     cf = counterfactual(loaded, events, att, k=5, random_draws=0)
     without = window_target_scores(loaded, events, att, [np.sort(att.order[5:])])
     assert cf.target_without_top == pytest.approx(float(without[0]), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def ranged_user(demo_env: DemoEnv, loaded: LoadedModel) -> tuple[str, pd.DataFrame, pd.Timestamp]:
+    """A user whose whole history fits one window, cut at its 60th-percentile event, whose
+    first event in the range comes from a device it used before the range."""
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        users = con.execute(
+            "SELECT user_id FROM events GROUP BY user_id HAVING count(*) BETWEEN 30 AND ? "
+            "ORDER BY user_id",
+            [int(loaded.model.config.max_len)],
+        ).fetchall()
+        for (user,) in users:
+            history = store.user_events(con, user)
+            start = history["ts"].iloc[int(len(history) * 0.6)]
+            before = history[history["ts"] < start]
+            first = history[history["ts"] >= start].iloc[0]
+            if first["device_id"] in set(before["device_id"].dropna()):
+                return user, history, start
+    raise AssertionError("no fixture user reuses a device across the cut")
+
+
+def test_a_range_is_explained_with_the_history_before_it_as_context(
+    demo_env: DemoEnv, loaded: LoadedModel, ranged_user: tuple[str, pd.DataFrame, pd.Timestamp]
+) -> None:
+    from core.sequences import FIELDS, FLAG_NEW, FLAG_SEEN
+
+    user, history, start = ranged_user
+    in_range = (history["ts"] >= start).to_numpy()
+    att = explain_events(
+        loaded, history, ExplainSettings(n_steps=8, target="unsupervised"), start=start
+    )
+    assert att.n_context == int((~in_range).sum()) and att.n_events == int(in_range.sum())
+    assert att.n_events_total == int(in_range.sum())
+    # only the range's events are ranked, and every one of them is
+    assert sorted(att.order.tolist()) == np.flatnonzero(att.in_range).tolist()
+    assert (att.top_events(10)["ts"] >= start).all()
+    # the first event in the range uses a device seen before: not "new" with its history ...
+    device = FIELDS.index("new_device")
+    first = int(np.flatnonzero(att.in_range)[0])
+    assert att.fields[first, device] == FLAG_SEEN
+    # ... while the range cut from its history would call it new (what was explained before)
+    cut = loaded.featurizer.transform(history[in_range])
+    assert cut.fields[0, device] == FLAG_NEW
+
+    # the target is the score ranged scoring gives this range: typicality over the range's
+    # events, each scored with the history before it
+    ranged = score_users(demo_env.db_path, loaded, users=[user], start=start, write=False)
+    assert att.target_value == pytest.approx(float(ranged["score_unsupervised"].iloc[0]), rel=1e-4)
+    sup = explain_events(
+        loaded, history, ExplainSettings(n_steps=8, target="supervised"), start=start
+    )
+    assert sup.own_scale_value == pytest.approx(float(ranged["score_supervised"].iloc[0]), rel=1e-4)
+
+    # the deletion check scores the same target and never removes a context event
+    check = counterfactual(loaded, history, att)
+    assert check.target_before == pytest.approx(att.target_value, rel=1e-5)
+    every = window_target_scores(loaded, history, att, [np.arange(att.window_rows.size)])
+    assert every[0] == pytest.approx(att.target_value, rel=1e-5)
+    context_only = np.flatnonzero(~att.in_range)
+    keep_context_and_one = np.sort(np.append(context_only, first))
+    one = window_target_scores(loaded, history, att, [keep_context_and_one])[0]
+    assert np.isfinite(one)  # one range event read, with the context before it
+
+
+def test_a_flag_that_carried_the_score_while_off_is_labelled_seen_before(
+    loaded: LoadedModel, ranged_user: tuple[str, pd.DataFrame, pd.Timestamp]
+) -> None:
+    from core.explain import FIELD_LABELS, SEEN_LABELS
+    from core.sequences import FIELDS, FLAG_NEW, FLAG_SEEN
+
+    _, history, start = ranged_user
+    att = explain_events(loaded, history, ExplainSettings(n_steps=8), start=start)
+    device = FIELDS.index("new_device")
+    # make the device flag carry each event's attribution, then read the labels
+    att.per_field[:] = 0.0
+    att.per_field[:, device] = 1.0
+    top = att.top_events(att.n_events)
+    flags = att.fields[att.order, device]
+    expected = [
+        SEEN_LABELS["new_device"] if f == FLAG_SEEN else FIELD_LABELS["new_device"] for f in flags
+    ]
+    assert top["top_field"].tolist() == expected
+    assert FLAG_SEEN in flags.tolist()
+    assert set(flags.tolist()) <= {FLAG_SEEN, FLAG_NEW}

@@ -419,7 +419,7 @@ times = st.datetimes(datetime(2015, 1, 1), datetime(2035, 1, 1)).map(
 unit = st.floats(0, 1, allow_nan=False)
 amount = st.floats(0, 1e6, allow_nan=False)
 FIELD_LABELS = ["event type", "category", "price", "time gap", "hour of day", "new device"]
-FIELD_LABELS += ["new IP", "new country", "new card", ""]
+FIELD_LABELS += ["new IP", "new country", "new card", "device seen before", "card seen before", ""]
 
 
 @st.composite
