@@ -383,6 +383,9 @@ def resolve_target(loaded: LoadedModel, target: Target) -> Literal["supervised",
 # -- public API ----------------------------------------------------------------------------------
 
 
+_WINDOW_CHUNK = 128  # windows per no-grad pass when choosing the window to explain
+
+
 def _window_rows(
     encoded: EncodedEvents, loaded: LoadedModel, target: str, in_range: np.ndarray
 ) -> np.ndarray:
@@ -398,12 +401,21 @@ def _window_rows(
     reaching = np.flatnonzero(in_range[windows.start + windows.lengths() - 1])
     rows = np.minimum(positions[reaching], n - 1)
     scored = in_range[rows] & windows.mask[reaching]
-    fields = torch.from_numpy(windows.fields[reaching].astype(np.int64)).to(loaded.device)
-    mask = torch.from_numpy(windows.mask[reaching]).to(loaded.device)
     func = _TargetFunction(loaded, "supervised" if target == "supervised" else "unsupervised")
-    with torch.no_grad():
-        values = func(fields, mask, fields, torch.from_numpy(scored).to(loaded.device))
-    best = int(windows.start[reaching[int(np.argmax(values.float().cpu().numpy()))]])
+    values = np.empty(reaching.size, dtype=np.float64)
+    # In chunks: a bot's 100k events are ~1,500 windows, whose attention in one batch would
+    # take gigabytes.
+    for lo in range(0, reaching.size, _WINDOW_CHUNK):
+        part = slice(lo, lo + _WINDOW_CHUNK)
+
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(loaded.device)
+
+        fields = tensor(windows.fields[reaching[part]].astype(np.int64))
+        with torch.no_grad():
+            out = func(fields, tensor(windows.mask[reaching[part]]), fields, tensor(scored[part]))
+        values[part] = out.float().cpu().numpy()
+    best = int(windows.start[reaching[int(np.argmax(values))]])
     return np.arange(best, best + max_len)
 
 

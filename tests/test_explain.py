@@ -130,8 +130,9 @@ def test_matches_a_hand_rolled_integrated_gradients(
 
 
 def test_long_history_explains_its_highest_scoring_window(
-    demo_env: DemoEnv, loaded: LoadedModel
+    demo_env: DemoEnv, loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("core.explain._WINDOW_CHUNK", 1)  # one window per pass
     with store.open_db(demo_env.db_path, read_only=True) as con:
         user = con.execute(
             "SELECT user_id FROM events GROUP BY user_id ORDER BY count(*) DESC LIMIT 1"
@@ -144,6 +145,15 @@ def test_long_history_explains_its_highest_scoring_window(
     rows = att.window_rows
     assert np.array_equal(rows, np.arange(rows[0], rows[0] + max_len))
     assert np.array_equal(att.event_ids, events["event_id"].to_numpy()[rows])
+    # the window chosen (in chunks of windows) is the one whose fraud probability is highest
+    from core.explain import _subset_scores
+    from core.sequences import make_windows
+
+    encoded = loaded.featurizer.transform(events)
+    windows = make_windows(encoded, max_len=max_len)
+    every = [np.arange(s, s + max_len) for s in windows.start]
+    _, probability, _ = _subset_scores(loaded, encoded, every)
+    assert rows[0] == windows.start[int(np.argmax(probability))]
 
 
 def test_lock_serialises_attribution_on_the_shared_model(
