@@ -319,10 +319,14 @@ def train(
         ),
     ] = None,
     resume: Annotated[str | None, typer.Option(help="Model id whose checkpoint to resume.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu or cuda (default: FRAUDLENS_DEVICE, else auto).")
+    ] = None,
     db: DbOption = None,
 ) -> None:
     """Pretrain the behaviour model on event sequences, then fine-tune on labels."""
+    import torch
+
     from core.train import TrainConfig, train_model
 
     if size not in MODEL_SIZE_NAMES:
@@ -358,6 +362,12 @@ def train(
         )
     except (ValueError, store.StoreError) as exc:
         raise _fail(str(exc)) from None
+    except torch.OutOfMemoryError:
+        raise _fail(
+            f"out of GPU memory training a {size} model: train a smaller --size, free the GPU, "
+            "or train on the CPU with --device cpu (finished epochs are checkpointed: "
+            "--resume MODEL_ID goes on from the last one)"
+        ) from None
     typer.echo(f"model {result.model_id} saved to {result.path}")
     for key, value in result.metrics.items():
         typer.echo(f"  {key:<22} {value}")
@@ -399,6 +409,7 @@ def score(
     db: DbOption = None,
 ) -> None:
     """Score users' sequences and store per-event and per-user scores in the database."""
+    from core.oom import AcceleratorOutOfMemory
     from core.scoring import score_users
 
     users = _read_users_file(users_file)
@@ -408,7 +419,7 @@ def score(
             loaded = _load_model_or_fail(con, model)
         # A path: each chunk opens the file briefly, so others can use it while we score.
         scores = score_users(_db(db), loaded, users, start_ts, end_ts, progress=True)  # type: ignore[arg-type]
-    except store.StoreError as exc:
+    except (store.StoreError, AcceleratorOutOfMemory) as exc:
         raise _fail(str(exc)) from None
     typer.echo(
         f"scored {len(scores):,} users, {int(scores['n_events'].sum()):,} events "
@@ -782,6 +793,7 @@ def explain(
     from core.evidence import explain_user
     from core.explain import ExplainSettings
     from core.narrate import BACKENDS, make_narrator, narrate
+    from core.oom import AcceleratorOutOfMemory
 
     if target not in EXPLAIN_TARGETS:
         raise _fail(f"--target must be one of {', '.join(EXPLAIN_TARGETS)}, not {target!r}", 2)
@@ -829,7 +841,7 @@ def explain(
         )
     except store.StoreError as exc:
         raise _fail(str(exc)) from None
-    except ValueError as exc:  # e.g. --target supervised on a model without that head
+    except (ValueError, AcceleratorOutOfMemory) as exc:  # e.g. --target supervised, no head
         raise _fail(f"cannot explain {user!r}: {exc}") from None
     if explanation is None:
         raise _fail(

@@ -274,7 +274,7 @@ def rescore_all(
     model_path: str | Path,
     report: Report,
     *,
-    device: str = "auto",
+    device: str | None = None,
     chunk_users: int = 500,
 ) -> int:
     """Score every user's full history with the model and store the scores (replacing the

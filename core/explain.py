@@ -41,6 +41,7 @@ runs under ``LoadedModel.lock``; it needs gradients, so it never runs under
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -56,6 +57,7 @@ from captum.attr import LayerIntegratedGradients
 
 from core.model import BehaviorModel
 from core.narrate import CounterfactualFact, counterfactual_sentence
+from core.oom import PartSizer, free_cached_memory, too_big
 from core.schema import naive_utc
 from core.scoring import DEFAULT_UNSUPERVISED_WEIGHT, LoadedModel, combine_scores
 from core.sequences import ABSENT, FLAG_SEEN, PAD, EncodedEvents, make_windows
@@ -403,18 +405,20 @@ def _window_rows(
     scored = in_range[rows] & windows.mask[reaching]
     func = _TargetFunction(loaded, "supervised" if target == "supervised" else "unsupervised")
     values = np.empty(reaching.size, dtype=np.float64)
-    # In chunks: a bot's 100k events are ~1,500 windows, whose attention in one batch would
-    # take gigabytes.
-    for lo in range(0, reaching.size, _WINDOW_CHUNK):
-        part = slice(lo, lo + _WINDOW_CHUNK)
 
-        def tensor(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(loaded.device)
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(loaded.device)
 
+    def target_values(part: slice) -> np.ndarray:
         fields = tensor(windows.fields[reaching[part]].astype(np.int64))
         with torch.no_grad():
             out = func(fields, tensor(windows.mask[reaching[part]]), fields, tensor(scored[part]))
-        values[part] = out.float().cpu().numpy()
+        return out.float().cpu().numpy()
+
+    # In chunks: a bot's 100k events are ~1,500 windows, whose attention in one batch would
+    # take gigabytes (and smaller ones if the GPU runs out of memory).
+    for part, out in PartSizer("windows", limit=_WINDOW_CHUNK).run(reaching.size, target_values):
+        values[part] = out
     best = int(windows.start[reaching[int(np.argmax(values))]])
     return np.arange(best, best + max_len)
 
@@ -472,14 +476,8 @@ def _attribute(
         lig = LayerIntegratedGradients(func, layers)
     try:
         with torch.enable_grad():
-            attributions, delta = lig.attribute(
-                inputs=fields,
-                baselines=baseline,
-                additional_forward_args=(mask, fields, scored),
-                n_steps=settings.n_steps,
-                method=settings.method,
-                internal_batch_size=settings.internal_batch_size,
-                return_convergence_delta=True,
+            attributions, delta, settings = _integrate(
+                lig, fields, baseline, (mask, fields, scored), settings
             )
             with torch.no_grad():
                 at_input = float(func(fields, mask, fields, scored)[0])
@@ -511,6 +509,36 @@ def _attribute(
         range_start=range_start,
         fields=encoded.fields[rows].astype(np.int64),
     )
+
+
+def _integrate(
+    lig: LayerIntegratedGradients,
+    fields: torch.Tensor,
+    baseline: torch.Tensor,
+    forward_args: tuple[torch.Tensor, ...],
+    settings: ExplainSettings,
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, ExplainSettings]:
+    """Captum's integration; when the GPU runs out of memory, again with half as many steps
+    per batch (Captum's ``internal_batch_size``) down to one. Returns the settings it ran
+    with, so the saved explanation says how it was computed."""
+    while True:
+        try:
+            attributions, delta = lig.attribute(
+                inputs=fields,
+                baselines=baseline,
+                additional_forward_args=forward_args,
+                n_steps=settings.n_steps,
+                method=settings.method,
+                internal_batch_size=settings.internal_batch_size,
+                return_convergence_delta=True,
+            )
+            return attributions, delta, settings
+        except torch.OutOfMemoryError:
+            steps = settings.internal_batch_size or settings.n_steps
+            if steps <= 1:
+                raise too_big("integration steps") from None
+            free_cached_memory()
+            settings = dataclasses.replace(settings, internal_batch_size=steps // 2)
 
 
 def _refine_by_deletion(
@@ -637,13 +665,20 @@ def _subset_scores(
         fields[i, : len(rows)] = encoded.fields[rows]
         mask[i, : len(rows)] = True
         read[i, : len(rows)] = True if scored is None else scored[rows]
-    with torch.no_grad():
-        out = loaded.model(
-            fields=torch.from_numpy(fields).to(loaded.device),
-            attention_mask=torch.from_numpy(mask).to(loaded.device),
-        )
-    assert out.field_nll is not None
-    field_nll = out.field_nll.float().cpu().numpy()
+
+    def rescore(part: slice) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            out = loaded.model(
+                fields=torch.from_numpy(fields[part]).to(loaded.device),
+                attention_mask=torch.from_numpy(mask[part]).to(loaded.device),
+            )
+        assert out.field_nll is not None
+        return out.field_nll.float().cpu().numpy(), out.sequence_logit.float().cpu().numpy()
+
+    field_nll = np.zeros(fields.shape, dtype=np.float32)
+    logit = np.zeros(len(row_sets), dtype=np.float32)
+    for part, (nll, logits) in PartSizer("event subsets").run(len(row_sets), rescore):
+        field_nll[part], logit[part] = nll, logits
     lengths = read.sum(axis=1)
     flat = field_nll[read]  # rows in subset order, subsets contiguous
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -651,7 +686,7 @@ def _subset_scores(
     pct = loaded.reference.percentile(raw)
     sup = None
     if loaded.supervised:
-        sup = 1.0 / (1.0 + np.exp(-out.sequence_logit.float().cpu().numpy()))
+        sup = 1.0 / (1.0 + np.exp(-logit))
     w = DEFAULT_UNSUPERVISED_WEIGHT if weight is None else weight
     aggregate = _aggregate_probabilities(loaded, encoded, row_sets, events, scored)
     shown = combine_scores(pct, sup, w, aggregate=aggregate)

@@ -28,6 +28,7 @@ Scores (all "higher = more suspicious"):
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Iterator, Sequence
@@ -47,6 +48,7 @@ from core.schema import naive_utc
 from core.sequences import (
     EncodedEvents,
     SequenceFeaturizer,
+    WindowBatch,
     iter_window_batches,
     load_events,
     make_windows,
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
     import torch
 
     from core.aggregate_model import AggregateModel
-    from core.model import BehaviorModel
+    from core.model import BehaviorModel, BehaviorOutput
     from core.train import TrainConfig
 
 # torch and the model are imported where they are used: pages that only read stored scores
@@ -172,7 +174,9 @@ class LoadedModel:
         return bool(getattr(self.model.config, "has_supervised_head", False))
 
 
-def load_model(path: str | Path, *, device: str = "auto") -> LoadedModel:
+def load_model(path: str | Path, *, device: str | None = None) -> LoadedModel:
+    """The model at ``path`` on ``device`` (None: FRAUDLENS_DEVICE, else the GPU when there is
+    one)."""
     from core.aggregate_model import AggregateModel
     from core.model import BehaviorModel
     from core.train import resolve_device
@@ -245,6 +249,7 @@ def score_encoded(
     of earlier events only gives context, not a verdict on the range)."""
     import torch
 
+    from core.oom import PartSizer
     from core.train import autocast
 
     windows = make_windows(encoded, max_len=max_len)
@@ -256,28 +261,34 @@ def score_encoded(
     emb_count = np.zeros(n_users, dtype=np.float32)
     has_head = bool(getattr(model.config, "has_supervised_head", False))
     model.eval()
+    sizer = PartSizer("windows of events")  # halves the batches if the GPU runs out of memory
+
+    def forward(whole: WindowBatch, part: slice) -> BehaviorOutput:
+        fields = torch.from_numpy(whole.fields[part].astype(np.int64))
+        mask = torch.from_numpy(whole.mask[part])
+        with autocast(device):
+            return model(fields=fields.to(device), attention_mask=mask.to(device))
+
     with torch.no_grad():
-        for batch in iter_window_batches(windows, batch_size):
-            fields = torch.from_numpy(batch.fields.astype(np.int64))
-            mask = torch.from_numpy(batch.mask)
-            with autocast(device):
-                out = model(fields=fields.to(device), attention_mask=mask.to(device))
-            users = windows.user_index[batch.index]
-            width = batch.mask.shape[1]
-            rows = encoded.offsets[users][:, None] + windows.start[batch.index][:, None]
-            rows = rows + np.arange(width)
-            surprisal[rows[batch.primary]] = out.surprisal.float().cpu().numpy()[batch.primary]
-            field_nll[rows[batch.primary]] = out.field_nll.float().cpu().numpy()[batch.primary]
-            logits = out.sequence_logit.float().cpu().numpy()
-            if from_ts is not None:
-                last = rows[np.arange(len(rows)), batch.mask.sum(axis=1) - 1]
-                logits = np.where(encoded.ts[last] >= from_ts, logits, -np.inf)
-            np.maximum.at(sup_logit, users, logits)
-            pooled = out.pooled.float().cpu().numpy()
-            if emb_sum is None:
-                emb_sum = np.zeros((n_users, pooled.shape[1]), dtype=np.float32)
-            np.add.at(emb_sum, users, pooled)
-            np.add.at(emb_count, users, 1.0)
+        for whole in iter_window_batches(windows, batch_size):
+            for part, out in sizer.run(len(whole.index), functools.partial(forward, whole)):
+                batch = WindowBatch(*(a[part] for a in whole))
+                users = windows.user_index[batch.index]
+                width = batch.mask.shape[1]
+                rows = encoded.offsets[users][:, None] + windows.start[batch.index][:, None]
+                rows = rows + np.arange(width)
+                surprisal[rows[batch.primary]] = out.surprisal.float().cpu().numpy()[batch.primary]
+                field_nll[rows[batch.primary]] = out.field_nll.float().cpu().numpy()[batch.primary]
+                logits = out.sequence_logit.float().cpu().numpy()
+                if from_ts is not None:
+                    last = rows[np.arange(len(rows)), batch.mask.sum(axis=1) - 1]
+                    logits = np.where(encoded.ts[last] >= from_ts, logits, -np.inf)
+                np.maximum.at(sup_logit, users, logits)
+                pooled = out.pooled.float().cpu().numpy()
+                if emb_sum is None:
+                    emb_sum = np.zeros((n_users, pooled.shape[1]), dtype=np.float32)
+                np.add.at(emb_sum, users, pooled)
+                np.add.at(emb_count, users, 1.0)
     supervised = (
         (1.0 / (1.0 + np.exp(-sup_logit))).astype(np.float32)
         if has_head

@@ -9,6 +9,7 @@ so per-event surprisal stays meaningful after fine-tuning.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -27,8 +28,11 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from core import store
+from core.config import get_settings
 from core.model import BehaviorConfig, BehaviorModel, SizeName
 from core.sequences import SequenceFeaturizer, Windows, load_events, make_windows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,7 +66,7 @@ class TrainConfig:
     # With labels, also fit the account-level model (core.aggregate_model) whose probability
     # the combined score pools with the head's and the percentile.
     aggregate_model: bool = True
-    device: str = "auto"
+    device: str | None = None  # None: FRAUDLENS_DEVICE, else auto
     max_train_windows: int | None = None
 
 
@@ -73,10 +77,20 @@ class TrainResult:
     metrics: dict[str, float | int | str | None] = field(default_factory=dict)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str | None = None) -> torch.device:
+    """``auto``: CUDA when torch sees a GPU, else the CPU; None: ``FRAUDLENS_DEVICE`` (else
+    auto). A GPU asked for where torch sees none falls back to the CPU, with a warning."""
+    name = (name or get_settings().device or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("device %r asked for, but torch sees no CUDA GPU: using the CPU", name)
+        return torch.device("cpu")
+    return device
 
 
 def autocast(device: torch.device) -> torch.autocast:
