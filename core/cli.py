@@ -904,6 +904,7 @@ def _explanation_json(
             "drop_random": cf.drop_random,
             "sentence": cf.sentence(),
         },
+        "behaviour": explanation.facts.to_dict()["behaviour"],
         "method": att.method_settings(),
         "summary": summary.to_dict(),
     }
@@ -961,6 +962,16 @@ def _print_explanation(explanation: Explanation, summary: Summary, threshold_sou
 
     typer.echo("")
     typer.echo(f"counterfactual  {explanation.counterfactual.sentence()}")
+    if facts.behaviour:
+        typer.echo("")
+        typer.echo("behaviour that carries the score (share; score of the window without it):")
+        for g in facts.behaviour:
+            without = "-" if g.score_without is None else f"{g.score_without:.3f}"
+            span = f"{g.first_ts:%Y-%m-%d %H:%M} .. {g.last_ts:%Y-%m-%d %H:%M}"
+            typer.echo(
+                f"  {g.kind:<10}  {g.key:<18} {g.n_events:>6,} events  "
+                f"{g.share:>6.1%}  {without:>6}  {span}"
+            )
 
     typer.echo("")
     if facts.linked:

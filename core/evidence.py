@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ import duckdb
 import pandas as pd
 
 from core import cases, schema, store
+from core.behaviour import BehaviourGroup, behaviour_groups
 from core.explain import (
     Attribution,
     Counterfactual,
@@ -30,6 +32,7 @@ from core.narrate import (
     AccountSignal,
     EventFact,
     Facts,
+    GroupFact,
     LinkedEntity,
     PeerStat,
     Summary,
@@ -81,6 +84,8 @@ class Explanation:
     # The account-level model's top aggregates (core.aggregate_model.top_contributions) over
     # the full history; None when the model has no account-level half.
     account_signals: pd.DataFrame | None = None
+    # The kinds of behaviour (event types, sessions) that carry the score (core.behaviour).
+    behaviour: tuple[BehaviourGroup, ...] = ()
 
 
 def at_threshold(explanation: Explanation, threshold: float) -> Explanation:
@@ -231,6 +236,7 @@ def explain_user(
         return None
     attribution = explain_events(loaded, history, settings, start=start)
     check = counterfactual(loaded, history, attribution, weight=weight, threshold=threshold)
+    groups = tuple(behaviour_groups(loaded, history, attribution, weight=weight))
 
     top = attribution.top_events(top_k)
     detail = history.set_index("event_id")
@@ -300,6 +306,18 @@ def explain_user(
         peer_stats=peers,
         vocabulary=vocabulary,
         account_probability=None if account_probability is None else round(account_probability, 4),
+        behaviour=tuple(
+            GroupFact(
+                kind=g.kind,
+                key=g.key,
+                n_events=g.n_events,
+                share=round(g.share, 4),
+                first_ts=g.first_ts,
+                last_ts=g.last_ts,
+                score_without=None if math.isnan(g.score_without) else round(g.score_without, 4),
+            )
+            for g in sorted(groups, key=lambda g: -g.share)
+        ),
         account_signals=()
         if signals is None
         else tuple(
@@ -326,6 +344,7 @@ def explain_user(
         top_events=top,
         timeline_attribution=timeline,
         account_signals=signals,
+        behaviour=groups,
     )
 
 

@@ -703,6 +703,22 @@ def window_target_scores(
     raw typicality for the unsupervised one) of the explained window reduced to the events at
     window positions ``keep[i]`` (distinct, at least one), one value per subset: deletion
     checks of any size."""
+    return window_scores(loaded, events, attribution, keep, aggregate=False)[1]
+
+
+def window_scores(
+    loaded: LoadedModel,
+    events: pd.DataFrame | pa.Table,
+    attribution: Attribution,
+    keep: Sequence[np.ndarray],
+    *,
+    weight: float | None = None,
+    aggregate: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(displayed score, target on its own scale) of the explained window reduced to the
+    events at window positions ``keep[i]``, one pair per subset, in one batched pass. With
+    ``aggregate`` and every column in ``events`` (as ``store.user_events`` gives them) the
+    account-level model rescores each subset too, as in the deletion check."""
     encoded = loaded.featurizer.transform(events)
     rows = attribution.window_rows
     scored = _in_range(encoded.ts, attribution.range_start)
@@ -715,8 +731,16 @@ def window_target_scores(
             raise ValueError(f"window positions run from 0 to {rows.size - 1}")
         subsets.append(rows[positions])
     with loaded.lock:
-        _, sup, raw = _subset_scores(loaded, encoded, subsets, scored=scored)
-    return np.asarray(sup if attribution.target == "supervised" else raw, dtype=float)
+        shown, sup, raw = _subset_scores(
+            loaded,
+            encoded,
+            subsets,
+            weight=weight,
+            events=events if aggregate else None,
+            scored=scored,
+        )
+    own = np.asarray(sup if attribution.target == "supervised" else raw, dtype=float)
+    return np.asarray(shown, dtype=float), own
 
 
 def counterfactual(
@@ -801,5 +825,6 @@ __all__ = [
     "displayed_scores",
     "explain_events",
     "resolve_target",
+    "window_scores",
     "window_target_scores",
 ]

@@ -339,6 +339,7 @@ def _evidence(facts: Facts) -> _Evidence:
 
     times = [t for t in (facts.start, facts.end, facts.first_ts, facts.last_ts) if t is not None]
     times += [e.ts for e in facts.top_events]
+    times += [t for g in facts.behaviour for t in (g.first_ts, g.last_ts)]
     for t in times:
         numbers.append(_Number(float(t.year), f"year of {t:%Y-%m-%d}"))
 
@@ -423,6 +424,9 @@ def _evidence(facts: Facts) -> _Evidence:
     for a in facts.account_signals:  # "share of 'return' events" is about return events
         if a.event_type:
             event_words.setdefault(_norm_type(a.event_type), f"account signal {a.label}")
+    for g in facts.behaviour:  # "its 54 view events carry 80% of the attribution"
+        if g.kind == "event type":
+            event_words.setdefault(_norm_type(g.key), f"behaviour group {g.key}")
     vocabulary = {_norm_type(t) for t in (facts.vocabulary or DEMO_EVENT_TYPES)}
     vocabulary |= {_norm_type(t) for t in _COMMON_EVENT_TYPES} | set(event_words)
     vocabulary.discard("")
@@ -433,6 +437,7 @@ def _evidence(facts: Facts) -> _Evidence:
     id_values += [(x.value, KIND_WORDS.get(x.kind, x.kind)) for x in facts.linked]
     for e in facts.top_events:
         id_values += [(v, k) for k, v in e.fields.items() if k in _ID_FIELDS]
+    id_values += [(g.key, "session") for g in facts.behaviour if g.kind == "session"]
     for value, what in id_values:
         shape = _id_shape(value)
         if shape is not None and shape.pattern not in {s.pattern for s, _ in shapes}:
@@ -452,6 +457,11 @@ def _evidence(facts: Facts) -> _Evidence:
         scores += [(cf.score_without_top, "score without the top events")]
         scores += [(cf.score_without_random, "score without random events")]
         scores += [(v, f"score without the top {k} events") for k, v in cf.ladder]
+    scores += [
+        (g.score_without, f"score without {g.kind} {g.key}")
+        for g in facts.behaviour
+        if g.score_without is not None
+    ]
     return _Evidence(
         strings=strings,
         numbers=numbers,

@@ -42,6 +42,7 @@ __all__ = [
     "EventFact",
     "Facts",
     "GroundingReport",
+    "GroupFact",
     "HFLocalNarrator",
     "LinkedEntity",
     "Narrator",
@@ -54,6 +55,7 @@ __all__ = [
     "SummaryCache",
     "TemplateNarrator",
     "build_prompt",
+    "behaviour_sentence",
     "build_prompt_text",
     "check_grounding",
     "counterfactual_sentence",
@@ -98,6 +100,20 @@ class CounterfactualFact:
     # score when k events do not move it.
     ladder: tuple[tuple[int, float], ...] = ()
     threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class GroupFact:
+    """A kind of behaviour in the explained window (every event of one type, or one session),
+    its share of the positive attribution, and the displayed score without it."""
+
+    kind: str  # "event type" | "session"
+    key: str  # the event type, or the session id
+    n_events: int
+    share: float  # 0..1
+    first_ts: datetime
+    last_ts: datetime
+    score_without: float | None  # None when the group is every explained event
 
 
 @dataclass(frozen=True)
@@ -166,6 +182,8 @@ class Facts:
     # range itself is the analyst's choice and may reach far beyond the user's activity).
     first_ts: datetime | None = None
     last_ts: datetime | None = None
+    # The kinds of behaviour that carry the score most (core.behaviour), largest share first.
+    behaviour: tuple[GroupFact, ...] = ()
 
     @property
     def above_threshold(self) -> bool:
@@ -252,6 +270,20 @@ class Facts:
                     event_type=None if a.get("event_type") is None else str(a["event_type"]),
                 )
                 for a in data.get("account_signals", [])
+            ),
+            behaviour=tuple(
+                GroupFact(
+                    kind=str(g["kind"]),
+                    key=str(g["key"]),
+                    n_events=int(g["n_events"]),
+                    share=float(g["share"]),
+                    first_ts=_parse_dt(g["first_ts"]) or datetime.min,
+                    last_ts=_parse_dt(g["last_ts"]) or datetime.min,
+                    score_without=None
+                    if g.get("score_without") is None
+                    else float(g["score_without"]),
+                )
+                for g in data.get("behaviour", [])
             ),
         )
 
@@ -349,6 +381,40 @@ def _top_field_phrase(event: EventFact, facts: Facts) -> str:
     if value is None and key == "card_id":
         value = event.fields.get("payment_id")
     return f"{label} {value}" if value and _citable(value, facts) else label
+
+
+def _group_name(g: GroupFact, whose: str = "its") -> str:
+    if g.kind == "event type":
+        return f"{whose} {g.n_events:,} {g.key} {'event' if g.n_events == 1 else 'events'}"
+    if g.first_ts.date() == g.last_ts.date():
+        span = f"on {g.first_ts:%Y-%m-%d} from {g.first_ts:%H:%M} to {g.last_ts:%H:%M}"
+    else:
+        span = f"from {_when(g.first_ts)} to {_when(g.last_ts)}"
+    return f"one session {span} ({g.n_events:,} {'event' if g.n_events == 1 else 'events'})"
+
+
+def behaviour_sentence(facts: Facts) -> str:
+    """Of the kinds of behaviour that carry most of the attribution (over half), the one whose
+    removal lowers the score most, and the score without it: what the top events cannot say
+    when a scripted burst carries the score."""
+    cf = facts.counterfactual
+    usable = [g for g in facts.behaviour if g.score_without is not None and g.share > 0.5]
+    if cf is None or not usable:
+        return ""
+    g = min(usable, key=lambda x: (x.score_without, -x.share))
+    assert g.score_without is not None
+    # On a long history the groups are the explained window's, not the whole account's.
+    name = _group_name(g, "the window's" if cf.window_events else "its")
+    it = "them" if g.kind == "event type" and g.n_events != 1 else "it"
+    verb = "carry" if it == "them" else "carries"
+    pair = _score_pair(cf.score_before, g.score_without)
+    if pair is None:
+        then = f"the score stays at {cf.score_before:.2f}"
+    else:
+        moves = "falls" if g.score_without < cf.score_before else "rises"
+        then = f"the score {moves} from {pair[0]} to {pair[1]}"
+    share = percent_text(g.share)
+    return f"{name[0].upper()}{name[1:]} {verb} {share} of the attribution; without {it} {then}."
 
 
 def _score_pair(before: float, after: float) -> tuple[str, str] | None:
@@ -469,6 +535,17 @@ def facts_text(facts: Facts) -> str:
             )
     if facts.counterfactual is not None:
         lines.append(f"counterfactual check: {counterfactual_sentence(facts.counterfactual)}")
+    if facts.behaviour:
+        lines.append(
+            "kinds of behaviour in the explained window (share of the positive attribution; "
+            "score of the window without them):"
+        )
+        cf = facts.counterfactual
+        whose = "the window's" if cf is not None and cf.window_events else "its"
+        for g in facts.behaviour:
+            without = "n/a (every event)" if g.score_without is None else _fmt(g.score_without)
+            share = percent_text(g.share)
+            lines.append(f"- {_group_name(g, whose)}: {share}; score without {without}")
     if facts.linked:
         lines.append("shared with other users:")
         for x in facts.linked:
@@ -568,6 +645,9 @@ class TemplateNarrator:
 
         if facts.counterfactual is not None:
             sentences.append(counterfactual_sentence(facts.counterfactual))
+            carried = behaviour_sentence(facts)
+            if carried:
+                sentences.append(carried)
 
         if facts.linked:
             parts = []

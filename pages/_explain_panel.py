@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import charts, evidence, similar, store
+from core.behaviour import groups_frame
 from core.config import Settings, get_settings
 from core.jobs import KeyedJobs
 from core.narrate import (
@@ -275,6 +276,13 @@ def render(
             },
         )
 
+        if found.behaviour:
+            behaviour_table(found)
+        else:
+            st.caption(
+                "No kind of behaviour (an event type, a session) raises the score as a whole."
+            )
+
     if found.account_signals is not None and found.facts.account_probability is not None:
         with st.container(border=True, key="inv_account"):
             st.subheader("Account-level signals")
@@ -362,3 +370,39 @@ def render(
                 st.session_state["_inv_kept"] = kept
             except (store.StoreError, duckdb.Error) as exc:  # never a stack trace on the page
                 st.caption(f"Explanation not kept for exports ({exc}).")
+
+
+def behaviour_table(found: evidence.Explanation) -> None:
+    """The kinds of behaviour (event types, sessions) that carry the score, and the score of
+    the explained window without each (core.behaviour)."""
+    st.markdown("**Behaviour that carries the score**")
+    table = groups_frame(list(found.behaviour)).rename(columns={"key": "event type / session"})
+    st.dataframe(
+        table[
+            [
+                "kind",
+                "event type / session",
+                "n_events",
+                "share",
+                "first_ts",
+                "last_ts",
+                "score_without",
+            ]
+        ],
+        hide_index=True,
+        key="inv_behaviour",
+        column_config={
+            "n_events": st.column_config.NumberColumn("events", format="%d"),
+            "share": st.column_config.ProgressColumn(
+                "share", format="percent", min_value=0.0, max_value=1.0
+            ),
+            "first_ts": st.column_config.DatetimeColumn("from", format="YYYY-MM-DD HH:mm"),
+            "last_ts": st.column_config.DatetimeColumn("to", format="YYYY-MM-DD HH:mm"),
+            "score_without": st.column_config.NumberColumn(
+                "score without",
+                format="%.2f",
+                help="The explained window's score once every event of the group is removed"
+                " (empty: the group is every explained event)",
+            ),
+        },
+    )

@@ -27,12 +27,14 @@ from core.narrate import (
     CounterfactualFact,
     EventFact,
     Facts,
+    GroupFact,
     HFLocalNarrator,
     LinkedEntity,
     OpenAICompatibleNarrator,
     PeerStat,
     SummaryCache,
     TemplateNarrator,
+    behaviour_sentence,
     build_prompt,
     build_prompt_text,
     check_grounding,
@@ -500,6 +502,26 @@ def random_facts(draw: st.DrawFn) -> Facts:
     if cf is not None and draw(st.booleans()):
         ladder = tuple((cf.k * 2**i, draw(unit)) for i in range(1, draw(st.integers(1, 4)) + 1))
         cf = replace(cf, ladder=ladder, threshold=threshold)
+    if cf is not None and draw(st.booleans()):
+        cf = replace(cf, window_events=draw(st.integers(2, 512)))
+    behaviour = []
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["event type", "session"]))
+        key = (
+            draw(st.sampled_from(DEMO_EVENT_TYPES)) if kind == "event type" else f"s{draw(ids):08d}"
+        )
+        first, last = sorted((draw(times), draw(times)))
+        behaviour.append(
+            GroupFact(
+                kind,
+                key,
+                draw(st.integers(1, 5000)),
+                draw(unit),
+                first,
+                last,
+                draw(st.none() | unit),
+            )
+        )
     return Facts(
         user_id=draw(user_ids),
         model_id=f"tiny-{draw(ids)}",
@@ -515,6 +537,7 @@ def random_facts(draw: st.DrawFn) -> Facts:
         peer_stats=peers,
         account_probability=draw(st.none() | unit) if signals else None,
         account_signals=signals,
+        behaviour=tuple(behaviour),
     )
 
 
@@ -1000,3 +1023,49 @@ def test_the_summary_spans_the_users_events_not_the_sidebar_range() -> None:
     assert check_grounding(text, span).grounded
     assert Facts.from_dict(json.loads(json.dumps(span.to_dict()))) == span
     assert "first and last event: 2024-03-02 09:00" in build_prompt(span)[1]["content"]
+
+
+VIEWS = GroupFact(
+    "event type", "view", 54, 0.8, datetime(2024, 3, 5, 14, 0), datetime(2024, 3, 5, 14, 30), 0.06
+)
+BURST = GroupFact(
+    "session", "s00000042", 61, 0.7, datetime(2024, 3, 5, 13, 58), datetime(2024, 3, 5, 14, 31), 0.4
+)
+
+
+def test_the_behaviour_sentence_names_the_group_whose_removal_matters_most() -> None:
+    facts = make_facts(behaviour=(BURST, VIEWS))
+    sentence = behaviour_sentence(facts)
+    assert sentence == (
+        "Its 54 view events carry 80% of the attribution; without them the score falls from "
+        "0.94 to 0.06."
+    )
+    assert sentence in TemplateNarrator().generate(facts)
+    assert check_grounding(sentence, facts).grounded
+    # a session is named by its time span; on a long history the groups are the window's
+    session_only = make_facts(behaviour=(BURST,))
+    assert behaviour_sentence(session_only).startswith(
+        "One session on 2024-03-05 from 13:58 to 14:31 (61 events) carries 70%"
+    )
+    windowed = make_facts(
+        behaviour=(VIEWS,), counterfactual=replace(FACTS.counterfactual, window_events=128)
+    )
+    assert behaviour_sentence(windowed).startswith("The window's 54 view events carry")
+    # nothing over half the attribution, or nothing left to score without it: no sentence
+    assert behaviour_sentence(make_facts(behaviour=(replace(VIEWS, share=0.5),))) == ""
+    assert behaviour_sentence(make_facts(behaviour=(replace(VIEWS, score_without=None),))) == ""
+    assert behaviour_sentence(make_facts(behaviour=(VIEWS,), counterfactual=None)) == ""
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        "Without its view events the score falls to 0.33.",  # wrong score
+        "Its 54 search events carry most of the attribution.",  # event type not in the facts
+        "One session from 2024-03-07 09:15 carries it.",  # wrong time
+    ],
+)
+def test_grounding_catches_a_wrong_behaviour_claim(claim: str) -> None:
+    facts = make_facts(behaviour=(VIEWS, BURST))
+    assert check_grounding(behaviour_sentence(facts), facts).grounded
+    assert not check_grounding(claim, facts).grounded

@@ -235,3 +235,26 @@ def test_why_panels_show_attributions_similar_cases_and_a_grounded_summary(
         )
     assert frame.loc[0, "top_attributed_events"] == row[0]
     assert frame.loc[0, "summary"] == row[1]
+
+
+def test_the_behaviour_that_carries_a_burst_is_tabled(open_page, demo_env) -> None:
+    from core.behaviour import behaviour_groups
+    from core.explain import explain_events
+    from core.scoring import load_model
+
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        user = con.execute(
+            "SELECT s.user_id FROM sequence_scores s JOIN (SELECT user_id FROM truth_events "
+            "GROUP BY 1 HAVING count(*) >= 20) t USING (user_id) WHERE s.model_id = ? "
+            "AND s.window_start IS NULL ORDER BY s.score_supervised DESC, 1 LIMIT 1",
+            [demo_env.model_id],
+        ).fetchone()[0]  # type: ignore[index]
+        events = store.user_events(con, user)
+    loaded = load_model(demo_env.models_dir / demo_env.model_id, device="cpu")
+    expected = behaviour_groups(loaded, events, explain_events(loaded, events))
+    assert expected, "the fixture's burst user should have a kind of behaviour that carries it"
+    at = explained(open_page(demo_env.db_path, user))
+    table = next(d for d in at.dataframe if "score_without" in d.value.columns).value
+    assert list(table["kind"]) == [g.kind for g in expected]
+    assert list(table["event type / session"]) == [g.key for g in expected]
+    assert table["share"].tolist() == pytest.approx([g.share for g in expected], rel=1e-6)
