@@ -93,6 +93,11 @@ class UserResult:
     # what the search adds, side by side.
     hit_rate_attribution_only: float | None = None
     target_drop_top_attribution_only: float | None = None
+    # The kind of behaviour the summary names (core.narrate.behaviour_sentence: over half the
+    # attribution, the lowest score without it); None when none qualifies.
+    group_drop: float | None = None  # relative drop of the displayed score without it
+    group_under_threshold: bool | None = None  # above the threshold before, under it without
+    group_injected_share: float | None = None  # of the group's events, the injected share
 
 
 @dataclass
@@ -258,6 +263,7 @@ def explain_sample(
             hit = len(top & in_window) / min(HIT_K, len(in_window))
         at_m = deletion_at_injected_count(loaded, events, att, in_window)
         at_m.update(attribution_only(loaded, events, att, in_window))
+        at_m.update(named_group(explanation, events, truth, threshold))
         out.users.append(
             UserResult(
                 user_id=user_id,
@@ -280,6 +286,27 @@ def explain_sample(
                 f"~{rate * (len(users) - i):.0f} s left"
             )
     return out
+
+
+def named_group(
+    explanation: object, events: object, injected: set[int], threshold: float
+) -> dict[str, object]:
+    """The behaviour group the template summary names, its deletion and its precision."""
+    facts, att, cf = explanation.facts, explanation.attribution, explanation.counterfactual  # type: ignore[attr-defined]
+    usable = [g for g in facts.behaviour if g.score_without is not None and g.share > 0.5]
+    if not usable:
+        return {}
+    g = min(usable, key=lambda x: (x.score_without, -x.share))
+    column = {"event type": "event_type", "session": "session_id"}[g.kind]
+    window = events.set_index("event_id").reindex(att.event_ids)  # type: ignore[attr-defined]
+    members = att.event_ids[(window[column].astype(str).to_numpy() == g.key) & att.in_range]
+    return {
+        "group_drop": relative_drop(cf.score_before, g.score_without),
+        "group_under_threshold": (g.score_without < threshold)
+        if cf.score_before >= threshold
+        else None,
+        "group_injected_share": len(set(members.tolist()) & injected) / max(len(members), 1),
+    }
 
 
 def attribution_only(
@@ -405,6 +432,20 @@ def quality_rows(results: TargetResults, device: str) -> list[dict[str, object]]
                     else "not within the ladder"
                     if math.isinf(needed[(len(needed) - 1) // 2])
                     else needed[(len(needed) - 1) // 2]
+                ),
+                "named_group_users": sum(r.group_drop is not None for r in members),
+                "named_group_drop_median": med("group_drop"),
+                "named_group_injected_share_median": med("group_injected_share"),
+                "under_threshold_without_named_group_share": (
+                    round(float(np.mean(flags)), 3)
+                    if (
+                        flags := [
+                            r.group_under_threshold
+                            for r in above
+                            if r.group_under_threshold is not None
+                        ]
+                    )
+                    else "n/a"
                 ),
                 "s_median": round(median(secs), 3) if secs else "n/a",
                 "s_p95": round(quantile(secs, 0.95), 3) if secs else "n/a",
@@ -599,8 +640,16 @@ def run(args: argparse.Namespace) -> Path:
         "the share that removing the 5 top-ranked events takes under it, and "
         "events_to_fall_below_median = the lower median of the fewest most-attributed events "
         "(5, 10, 20, 40, 80 tried: the deletion ladder the Investigate line reads) that do",
+        "named_group_definition": "the kind of behaviour (all events of one type, or one "
+        "session, in the explained window) the template summary names (core.narrate."
+        "behaviour_sentence: over half of the positive attribution, the lowest score without "
+        "it); named_group_users = users who have one; named_group_drop_median = relative drop "
+        "of the displayed score without it; named_group_injected_share_median = the share of "
+        "its events that are injected fraud events; under_threshold_without_named_group_share "
+        "= among users above the threshold with a named group, the share its removal takes "
+        "under the threshold",
         "seconds_definition": "s_median / s_p95 in the quality rows: core.evidence.explain_user "
-        "end to end (attributions + deletion check + facts), torch threads 2",
+        "end to end (attributions + deletion check + behaviour groups + facts), torch threads 2",
         "summaries_facts": f"{len(facts)} users' facts ({len(facts) - len(extra_users)} fraud "
         f"from target {args.targets[0]} at {args.steps} steps, {len(extra_users)} normal at "
         f"{args.summary_steps} steps)",
