@@ -447,3 +447,34 @@ def test_a_flag_that_carried_the_score_while_off_is_labelled_seen_before(
     assert top["top_field"].tolist() == expected
     assert FLAG_SEEN in flags.tolist()
     assert set(flags.tolist()) <= {FLAG_SEEN, FLAG_NEW}
+
+
+def test_a_range_in_a_long_history_explains_its_best_window_that_reaches_the_range(
+    demo_env: DemoEnv, loaded: LoadedModel
+) -> None:
+    from core.explain import _subset_scores
+    from core.sequences import make_windows
+
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        user = con.execute(
+            "SELECT user_id FROM events GROUP BY user_id ORDER BY count(*) DESC LIMIT 1"
+        ).fetchone()[0]  # type: ignore[index]
+        events = store.user_events(con, user)
+    max_len = int(loaded.model.config.max_len)
+    assert len(events) > 2 * max_len, "fixture should hold a user of several windows"
+    start = events["ts"].iloc[len(events) - max_len // 4]  # a range shorter than one window
+    att = explain_events(loaded, events, ExplainSettings(n_steps=8), start=start)
+    assert att.n_events == int((events["ts"] >= start).sum())  # the whole range is explained
+    assert att.n_context == max_len - att.n_events  # the rest of the window is its history
+    # a range of several windows: the best of the windows that end inside it
+    start = events["ts"].iloc[len(events) - 3 * max_len // 2]
+    att = explain_events(loaded, events, ExplainSettings(n_steps=8), start=start)
+    assert att.n_events_total == int((events["ts"] >= start).sum())
+    encoded = loaded.featurizer.transform(events)
+    windows = make_windows(encoded, max_len=max_len)
+    ends = windows.start + windows.lengths() - 1
+    reaching = [s for s, e in zip(windows.start, ends, strict=True) if encoded.ts[e] >= start]
+    assert len(reaching) >= 2
+    rows = [np.arange(s, s + max_len) for s in reaching]
+    _, probability, _ = _subset_scores(loaded, encoded, rows)
+    assert att.window_rows[0] == reaching[int(np.argmax(probability))]
