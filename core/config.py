@@ -39,6 +39,12 @@ class Settings:
     llm_timeout_s: float = field(
         default_factory=lambda: float(os.environ.get("FRAUDLENS_LLM_TIMEOUT", "20"))
     )
+    # openai-compatible: send placeholders instead of account, device, IP, card, item and
+    # session ids (core.pseudonym); "0" sends the real ones (a server on this machine).
+    llm_pseudonymise: bool = field(
+        default_factory=lambda: os.environ.get("FRAUDLENS_LLM_PSEUDONYMISE", "1").strip().lower()
+        not in ("0", "false", "no", "off")
+    )
 
 
 def _optional_path(var: str) -> Path | None:

@@ -173,6 +173,9 @@ _RELATIVE_DAY = re.compile(
 
 # Prefixes that name an identifier in prose ("dev-12", "card_9f"), whatever the data's shapes.
 _ID_PREFIXES = "dev|device|card|user|usr|acct|account|sess|session|item|order|cust|customer|ip"
+# The placeholders core.pseudonym sends instead of ids (USER_1, DEVICE_2 ...).
+PLACEHOLDER_RE = re.compile(r"\b(?:USER|DEVICE|IP|CARD|ITEM|SESSION)_\d+\b", re.IGNORECASE)
+
 _ID_FIELDS = {"device_id", "ip", "card_id", "payment_id", "session_id", "item_id"}
 
 _KINDS = r"(?i:device|card|ip|account|user|customer)"
@@ -873,6 +876,17 @@ def check_grounding(text: str, facts: Facts) -> GroundingReport:
             s.ok(m.group(0), "an identifier in the facts")  # logs that key users by email
             if m.group(0).lower() in ev.ids
             else s.bad(m.group(0), "an email address is never in the facts")
+        ),
+    )
+
+    # 0. A pseudonym placeholder left in the text: the writer cited one its prompt did not
+    # have (those it had were put back before this check), unless the data's ids look so.
+    s.take(
+        PLACEHOLDER_RE,
+        lambda m: (
+            s.ok(m.group(0), "an identifier in the facts")
+            if m.group(0).lower() in ev.ids | ev.users
+            else s.bad(m.group(0), "a placeholder for an identifier the facts do not have")
         ),
     )
 

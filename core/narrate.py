@@ -505,6 +505,12 @@ SYSTEM_PROMPT = (
 )
 
 
+PLACEHOLDER_RULE = (
+    "\n5. Identifiers written like USER_1, DEVICE_2, IP_1, CARD_1, ITEM_1 or SESSION_1 stand "
+    "for real ones: cite them exactly as written, never invent one."
+)
+
+
 def facts_text(facts: Facts) -> str:
     """The facts as compact lines, numbers written as the summary may cite them."""
     lines = [f"user: {facts.user_id}", f"model: {facts.model_id}"]
@@ -579,10 +585,12 @@ def _signal_text(signal: AccountSignal) -> str:
     return f"{signal.label} is {_fmt(signal.value)}{median}"
 
 
-def build_prompt(facts: Facts) -> list[dict[str, str]]:
-    """Chat messages for an instruction-tuned model."""
+def build_prompt(facts: Facts, *, placeholders: bool = False) -> list[dict[str, str]]:
+    """Chat messages for an instruction-tuned model (``placeholders``: the facts' ids are
+    core.pseudonym placeholders, and the model is told to cite them as written)."""
     user = f"Facts:\n{facts_text(facts)}\n\nWrite the summary."
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    system = SYSTEM_PROMPT + (PLACEHOLDER_RULE if placeholders else "")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def build_prompt_text(facts: Facts) -> str:
@@ -816,12 +824,16 @@ class OpenAICompatibleNarrator:
     api_key: str | None = field(default=None, repr=False)  # never logged, never in repr
     timeout: float = 20.0
     max_tokens: int = 300
+    # The endpoint may be a hosted API: send placeholders for account, device, IP, card, item
+    # and session ids, and put the real ones back into the answer (core.pseudonym).
+    pseudonymise: bool = True
     name: str = field(default="openai-compatible", init=False)
 
     def __repr__(self) -> str:
         return (
             f"OpenAICompatibleNarrator(base_url={_safe_url(self.base_url)!r}, "
-            f"model={self.model!r}, timeout={self.timeout!r}, max_tokens={self.max_tokens!r})"
+            f"model={self.model!r}, timeout={self.timeout!r}, max_tokens={self.max_tokens!r}, "
+            f"pseudonymise={self.pseudonymise!r})"
         )
 
     @property
@@ -831,7 +843,7 @@ class OpenAICompatibleNarrator:
         public = sorted((k, v) for k, v in query if not _SECRET_PARAM.search(k))
         return (
             f"openai-compatible|{_safe_url(self.base_url)}|{urllib.parse.urlencode(public)}|"
-            f"{self.model}|{self.max_tokens}"
+            f"{self.model}|{self.max_tokens}|{'pseudonyms' if self.pseudonymise else 'real ids'}"
         )
 
     def _endpoint(self) -> tuple[str, str | None]:
@@ -866,10 +878,18 @@ class OpenAICompatibleNarrator:
             raise type(exc)(scrubbed) from None
 
     def _generate(self, facts: Facts) -> str:
+        if not self.pseudonymise:
+            return self._ask(build_prompt(facts))
+        from core.pseudonym import Pseudonyms  # it builds on the facts classes above
+
+        aliases = Pseudonyms()
+        return aliases.restore(self._ask(build_prompt(aliases.facts(facts), placeholders=True)))
+
+    def _ask(self, messages: list[dict[str, str]]) -> str:
         body = json.dumps(
             {
                 "model": self.model,
-                "messages": build_prompt(facts),
+                "messages": messages,
                 "temperature": 0,
                 "max_tokens": self.max_tokens,
             }
@@ -973,6 +993,7 @@ def make_narrator(settings: Settings) -> Narrator:
             settings.llm_model,
             api_key=settings.llm_api_key,
             timeout=settings.llm_timeout_s,
+            pseudonymise=settings.llm_pseudonymise,
         )
     raise ValueError(
         f"unknown LLM backend {settings.llm_backend!r}; choose one of {', '.join(BACKENDS)}"

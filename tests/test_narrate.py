@@ -39,10 +39,12 @@ from core.narrate import (
     build_prompt_text,
     check_grounding,
     counterfactual_sentence,
+    facts_text,
     make_narrator,
     narrate,
     narrator_identity,
 )
+from core.pseudonym import Pseudonyms
 from core.schema import DEMO_EVENT_TYPES
 
 
@@ -781,7 +783,8 @@ def test_openai_compatible_good_answer_passes(stub: StubServer) -> None:
     assert path == "/v1/chat/completions"
     assert headers["Authorization"] == "Bearer sk-test-key"
     assert body["model"] == "local-model" and body["temperature"] == 0
-    assert body["messages"] == build_prompt(FACTS)
+    # the ids went out as placeholders (core.pseudonym), the rest as the facts say
+    assert body["messages"] == build_prompt(Pseudonyms().facts(FACTS), placeholders=True)
 
 
 def test_openai_compatible_without_key_sends_no_authorization(stub: StubServer) -> None:
@@ -1069,3 +1072,69 @@ def test_grounding_catches_a_wrong_behaviour_claim(claim: str) -> None:
     facts = make_facts(behaviour=(VIEWS, BURST))
     assert check_grounding(behaviour_sentence(facts), facts).grounded
     assert not check_grounding(claim, facts).grounded
+
+
+# -- identifiers leave the machine as placeholders -------------------------------------------
+
+REAL_IDS = ["u0042", "d0012", "10.1.2.3", "card_9f3a0b12", "card_77aa0001", "u0007", "u0019"]
+
+
+def test_pseudonyms_are_stable_and_leave_what_is_not_an_id() -> None:
+    aliases = Pseudonyms()
+    masked = aliases.facts(FACTS)
+    assert masked.user_id == "USER_1"
+    purchase = masked.top_events[0].fields
+    assert purchase["device_id"] == "DEVICE_1" and purchase["ip"] == "IP_1"
+    assert purchase["card_id"] == "CARD_1"
+    # the same device on another event and on the linked entity gets the same placeholder
+    assert masked.top_events[1].fields["device_id"] == "DEVICE_1"
+    assert masked.linked[0].value == "DEVICE_1"
+    assert masked.linked[0].users == ("USER_2", "USER_3", "USER_4")
+    assert masked.linked[0].labels == {"USER_2": "fraud", "USER_3": "legit"}
+    # times, amounts, countries, categories and event types stay
+    assert purchase["price"] == "1299.00" and purchase["country"] == "DE"
+    assert purchase["category"] == "electronics"
+    assert [e.ts for e in masked.top_events] == [e.ts for e in FACTS.top_events]
+    text = facts_text(masked)
+    assert not any(real in text for real in REAL_IDS)
+    assert aliases.restore("user_1 and USER_2 share DEVICE_1; USER_9 too") == (
+        "u0042 and u0007 share d0012; USER_9 too"
+    )
+
+
+def test_openai_compatible_sends_placeholders_and_puts_the_ids_back(stub: StubServer) -> None:
+    stub.answer = (
+        "USER_1 scores 0.94, above the alert threshold of 0.80. Its purchase at 2024-03-05 "
+        "14:22 used device DEVICE_1 and card CARD_1; DEVICE_1 is shared with USER_2 (fraud)."
+    )
+    summary = narrate(FACTS, OpenAICompatibleNarrator(stub.url, "m"))
+    sent = json.dumps(stub.requests[0][2])
+    assert not any(real in sent for real in REAL_IDS)
+    assert "USER_1" in sent and "cite them exactly as written" in sent
+    assert summary.text == (
+        "u0042 scores 0.94, above the alert threshold of 0.80. Its purchase at 2024-03-05 "
+        "14:22 used device d0012 and card card_9f3a0b12; d0012 is shared with u0007 (fraud)."
+    )
+    assert not summary.flagged, summary.grounding.problems
+
+
+def test_a_placeholder_the_prompt_did_not_have_is_flagged(stub: StubServer) -> None:
+    stub.answer = "USER_1 scores 0.94, and USER_9 shares its device."
+    summary = narrate(FACTS, OpenAICompatibleNarrator(stub.url, "m"))
+    assert summary.flagged
+    assert any("USER_9" in p and "placeholder" in p for p in summary.grounding.problems)
+
+
+def test_pseudonyms_can_be_turned_off_for_a_server_on_this_machine(
+    stub: StubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FRAUDLENS_LLM_BACKEND", "openai-compatible")
+    monkeypatch.setenv("FRAUDLENS_LLM_BASE_URL", stub.url)
+    monkeypatch.setenv("FRAUDLENS_LLM_MODEL", "m")
+    assert make_narrator(Settings()).pseudonymise is True  # the default
+    monkeypatch.setenv("FRAUDLENS_LLM_PSEUDONYMISE", "0")
+    narrator = make_narrator(Settings())
+    assert narrator.pseudonymise is False
+    stub.answer = PARAPHRASES[0]
+    narrate(FACTS, narrator)
+    assert stub.requests[0][2]["messages"] == build_prompt(FACTS)
