@@ -236,7 +236,12 @@ def explain_user(
         return None
     attribution = explain_events(loaded, history, settings, start=start)
     check = counterfactual(loaded, history, attribution, weight=weight, threshold=threshold)
-    groups = tuple(behaviour_groups(loaded, history, attribution, weight=weight))
+    # Largest share first, as the facts (and so the CLI and the prompt) list them.
+    groups = tuple(
+        sorted(
+            behaviour_groups(loaded, history, attribution, weight=weight), key=lambda g: -g.share
+        )
+    )
 
     top = attribution.top_events(top_k)
     detail = history.set_index("event_id")
@@ -316,7 +321,7 @@ def explain_user(
                 last_ts=g.last_ts,
                 score_without=None if math.isnan(g.score_without) else round(g.score_without, 4),
             )
-            for g in sorted(groups, key=lambda g: -g.share)
+            for g in groups
         ),
         account_signals=()
         if signals is None

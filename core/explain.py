@@ -147,6 +147,17 @@ class Attribution:
         return int(self.event_ids.size - self.in_range.sum())
 
     @property
+    def context_share(self) -> float:
+        """The share of the window's positive attribution that falls on the context events
+        (before the range): shares of the range's events are of the rest."""
+        per_event = self.per_event
+        positive = per_event > 0
+        total = float(per_event[positive].sum())
+        if total <= 0:
+            return 0.0
+        return float(per_event[positive & ~self.in_range].sum()) / total
+
+    @property
     def order(self) -> np.ndarray:
         """Window positions of the range's events, most important first (what "top events"
         and the deletion check read)."""
@@ -222,6 +233,7 @@ class Attribution:
             "target": self.target,
             "convergence_delta": self.delta,
             "context_events": self.n_context,
+            "context_share_of_positive_attribution": self.context_share,
         }
 
 
@@ -534,7 +546,7 @@ def _integrate(
             )
             return attributions, delta, settings
         except torch.OutOfMemoryError:
-            steps = settings.internal_batch_size or settings.n_steps
+            steps = min(settings.internal_batch_size or settings.n_steps, settings.n_steps)
             if steps <= 1:
                 raise too_big("integration steps") from None
             free_cached_memory()

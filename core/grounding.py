@@ -334,8 +334,10 @@ def _evidence(facts: Facts) -> _Evidence:
             elif _ingested(path):
                 kind = "exact"
             numbers.append(_Number(parsed, path, kind))
-        elif re.fullmatch(r"top_events\[\d+\]\.event_type", path):
-            continue  # event types are judged as such (step 4), with the types they are part of
+        elif re.fullmatch(r"top_events\[\d+\]\.event_type|behaviour\[\d+\]\.(?:key|kind)", path):
+            # Event types are judged as such (step 4), with the types they are part of; a
+            # session's key is an id (judged with the ids), its kind a word of ours.
+            continue
         elif not _ingested(path) or not re.search(r"\s", text):
             # Free text from the logs could carry any claim: only single tokens whitelist.
             strings.setdefault(text.lower(), path)
@@ -402,6 +404,10 @@ def _evidence(facts: Facts) -> _Evidence:
     ]
     if stamps:
         durations.append(((stamps[-1] - stamps[0]).total_seconds(), "time between top events"))
+    durations += [
+        ((g.last_ts - g.first_ts).total_seconds(), f"length of {g.kind} {g.key}")
+        for g in facts.behaviour
+    ]
     numbers += [_Number(v, s, "time") for v, s in durations]
 
     # An aggregate of amounts ("mean amount is 861.26") is cited as money: it may stand where

@@ -883,7 +883,9 @@ class OpenAICompatibleNarrator:
         from core.pseudonym import Pseudonyms  # it builds on the facts classes above
 
         aliases = Pseudonyms()
-        return aliases.restore(self._ask(build_prompt(aliases.facts(facts), placeholders=True)))
+        messages = build_prompt(aliases.facts(facts), placeholders=True)
+        # Only the placeholders the facts' text showed come back (the rule's examples do not).
+        return aliases.restore(self._ask(messages), sent=messages[-1]["content"])
 
     def _ask(self, messages: list[dict[str, str]]) -> str:
         body = json.dumps(

@@ -83,10 +83,15 @@ class Pseudonyms:
             ),
         )
 
-    def restore(self, text: str) -> str:
-        """The real values back in place of the placeholders this prompt used; any other
-        placeholder is left as written (the grounding check flags it)."""
-        return PLACEHOLDER.sub(lambda m: self.real_of.get(m.group(0).upper(), m.group(0)), text)
+    def restore(self, text: str, sent: str | None = None) -> str:
+        """The real values back in place of the placeholders this prompt used (with ``sent``,
+        only those the sent text shows: the writer cannot have learnt the others); any other
+        placeholder is left as written, and the grounding check flags it."""
+        known = self.real_of
+        if sent is not None:
+            shown = {m.group(0).upper() for m in PLACEHOLDER.finditer(sent)}
+            known = {k: v for k, v in known.items() if k in shown}
+        return PLACEHOLDER.sub(lambda m: known.get(m.group(0).upper(), m.group(0)), text)
 
 
 __all__ = ["PLACEHOLDER", "Pseudonyms"]

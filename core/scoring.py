@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     import torch
 
     from core.aggregate_model import AggregateModel
-    from core.model import BehaviorModel, BehaviorOutput
+    from core.model import BehaviorModel
     from core.train import TrainConfig
 
 # torch and the model are imported where they are used: pages that only read stored scores
@@ -263,28 +263,35 @@ def score_encoded(
     model.eval()
     sizer = PartSizer("windows of events")  # halves the batches if the GPU runs out of memory
 
-    def forward(whole: WindowBatch, part: slice) -> BehaviorOutput:
+    def forward(whole: WindowBatch, part: slice) -> tuple[np.ndarray, ...]:
+        """(surprisal, field NLL, sequence logit, pooled) of a part, on the host: the copies
+        off the GPU are inside the part that is retried smaller when memory runs out."""
         fields = torch.from_numpy(whole.fields[part].astype(np.int64))
         mask = torch.from_numpy(whole.mask[part])
         with autocast(device):
-            return model(fields=fields.to(device), attention_mask=mask.to(device))
+            out = model(fields=fields.to(device), attention_mask=mask.to(device))
+        assert out.surprisal is not None and out.field_nll is not None
+        assert out.sequence_logit is not None and out.pooled is not None
+        return tuple(
+            t.float().cpu().numpy()
+            for t in (out.surprisal, out.field_nll, out.sequence_logit, out.pooled)
+        )
 
     with torch.no_grad():
         for whole in iter_window_batches(windows, batch_size):
             for part, out in sizer.run(len(whole.index), functools.partial(forward, whole)):
+                window_surprisal, window_nll, logits, pooled = out
                 batch = WindowBatch(*(a[part] for a in whole))
                 users = windows.user_index[batch.index]
                 width = batch.mask.shape[1]
                 rows = encoded.offsets[users][:, None] + windows.start[batch.index][:, None]
                 rows = rows + np.arange(width)
-                surprisal[rows[batch.primary]] = out.surprisal.float().cpu().numpy()[batch.primary]
-                field_nll[rows[batch.primary]] = out.field_nll.float().cpu().numpy()[batch.primary]
-                logits = out.sequence_logit.float().cpu().numpy()
+                surprisal[rows[batch.primary]] = window_surprisal[batch.primary]
+                field_nll[rows[batch.primary]] = window_nll[batch.primary]
                 if from_ts is not None:
                     last = rows[np.arange(len(rows)), batch.mask.sum(axis=1) - 1]
                     logits = np.where(encoded.ts[last] >= from_ts, logits, -np.inf)
                 np.maximum.at(sup_logit, users, logits)
-                pooled = out.pooled.float().cpu().numpy()
                 if emb_sum is None:
                     emb_sum = np.zeros((n_users, pooled.shape[1]), dtype=np.float32)
                 np.add.at(emb_sum, users, pooled)

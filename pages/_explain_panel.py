@@ -229,7 +229,9 @@ def render(
             f"over {window}, against a neutral event; convergence delta {att.delta:.3g}."
             + (
                 f" The {att.n_context} events before the range were read as context only"
-                " (what the model knew when the range began), not ranked."
+                " (what the model knew when the range began), not ranked; they carry"
+                f" {att.context_share:.0%} of the positive attribution, the shares below are"
+                " of the rest."
                 if att.n_context
                 else ""
             )

@@ -398,6 +398,12 @@ def test_a_range_is_explained_with_the_history_before_it_as_context(
     assert att.n_events_total == int(in_range.sum())
     # only the range's events are ranked, and every one of them is
     assert sorted(att.order.tolist()) == np.flatnonzero(att.in_range).tolist()
+    # how much of the positive attribution the history carries is reported beside the shares
+    per_event = att.per_event
+    positive = per_event[per_event > 0].sum()
+    in_history = per_event[(per_event > 0) & ~att.in_range].sum()
+    assert att.context_share == pytest.approx(in_history / positive)
+    assert att.method_settings()["context_share_of_positive_attribution"] == att.context_share
     assert (att.top_events(10)["ts"] >= start).all()
     # the first event in the range uses a device seen before: not "new" with its history ...
     device = FIELDS.index("new_device")

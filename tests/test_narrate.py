@@ -1138,3 +1138,29 @@ def test_pseudonyms_can_be_turned_off_for_a_server_on_this_machine(
     stub.answer = PARAPHRASES[0]
     narrate(FACTS, narrator)
     assert stub.requests[0][2]["messages"] == build_prompt(FACTS)
+
+
+def test_a_behaviour_group_whitelists_no_event_type_it_is_part_of() -> None:
+    purchase_only = make_facts(
+        top_events=FACTS.top_events[:1],
+        behaviour=(replace(VIEWS, key="login"),),
+    )
+    assert check_grounding(
+        "Its 54 login events carry 80% of the attribution.", purchase_only
+    ).grounded
+    for claim in ("It has many failed login events.", "Its login_failed events stand out."):
+        assert not check_grounding(claim, purchase_only).grounded, claim
+
+
+def test_a_session_group_may_be_cited_by_its_length() -> None:
+    facts = make_facts(behaviour=(BURST,))  # 13:58 to 14:31
+    assert check_grounding("One session lasted 33 minutes.", facts).grounded
+    assert not check_grounding("One session lasted 47 minutes.", facts).grounded
+
+
+def test_only_placeholders_the_prompt_showed_come_back() -> None:
+    aliases = Pseudonyms()
+    masked = aliases.facts(make_facts(behaviour=(BURST,)))
+    shown = facts_text(masked)
+    assert "SESSION_1" not in shown  # a session is shown by its time span, not its id
+    assert aliases.restore("USER_1 and SESSION_1", sent=shown) == "u0042 and SESSION_1"
