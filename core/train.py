@@ -90,6 +90,11 @@ def resolve_device(name: str | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         log.warning("device %r asked for, but torch sees no CUDA GPU: using the CPU", name)
         return torch.device("cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        log.warning("device %r asked for, but MPS is not available: using the CPU", name)
+        return torch.device("cpu")
     return device
 
 

@@ -127,3 +127,8 @@ def test_the_device_setting_is_read_and_an_absent_gpu_falls_back_to_the_cpu(
         with caplog.at_level("WARNING", logger="core.train"):
             assert resolve_device("cuda").type == "cpu"
         assert "no CUDA GPU" in caplog.text
+    else:
+        with pytest.raises(ValueError, match="CUDA GPU"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    if not torch.backends.mps.is_available():
+        assert resolve_device("mps").type == "cpu"
