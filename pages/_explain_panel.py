@@ -379,6 +379,15 @@ def behaviour_table(found: evidence.Explanation) -> None:
     the explained window without each (core.behaviour)."""
     st.markdown("**Behaviour that carries the score**")
     table = groups_frame(list(found.behaviour)).rename(columns={"key": "event type / session"})
+    user = found.facts.user_id
+    key = f"inv_behaviour_{user}"
+
+    def on_pick() -> None:  # a callback: may move the session picker drawn above
+        rows = st.session_state[key].selection.rows
+        group = found.behaviour[rows[0]] if rows else None
+        if group is not None and group.kind == "session":
+            show_session(user, group.key)
+
     st.dataframe(
         table[
             [
@@ -392,7 +401,9 @@ def behaviour_table(found: evidence.Explanation) -> None:
             ]
         ],
         hide_index=True,
-        key="inv_behaviour",
+        key=key,
+        on_select=on_pick,
+        selection_mode="single-row",
         column_config={
             "n_events": st.column_config.NumberColumn("events", format="%d"),
             "share": st.column_config.ProgressColumn(
@@ -408,3 +419,13 @@ def behaviour_table(found: evidence.Explanation) -> None:
             ),
         },
     )
+    if any(g.kind == "session" for g in found.behaviour):
+        st.caption("Select a session to draw its graph under Sessions above.")
+
+
+def show_session(user: str, session_id: str) -> None:
+    """Point the Investigate page's session picker (key ``inv_s_<user>``, drawn above, with
+    its session graph) at a session, when the page offers it (the same range)."""
+    offered = st.session_state.get(f"_inv_sessions_{user}", ())
+    if session_id in offered:
+        st.session_state[f"inv_s_{user}"] = session_id

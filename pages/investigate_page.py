@@ -210,6 +210,7 @@ else:
             column_config={"max_surprisal": st.column_config.NumberColumn(format="%.2f")},
         )
         labels = investigate.session_options(view.sessions)
+        state[f"_inv_sessions_{user}"] = tuple(labels)  # what a behaviour row may pick
         sid = right.selectbox(
             "Session graph for", list(labels), format_func=labels.get, key=f"inv_s_{user}"
         )

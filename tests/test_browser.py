@@ -296,6 +296,53 @@ def test_explanation_panels_and_a_similar_case_click(server: Server, page) -> No
     _screenshot(page, "investigate_similar_click")
 
 
+def _user_with_a_session_group(server: Server, models_dir: Path) -> tuple[str, str]:
+    """A scored fraudulent user whose explanation names a session that carries its score, and
+    that session (computed here with the model, as the page computes it)."""
+    from core.behaviour import behaviour_groups
+    from core.explain import explain_events
+    from core.scoring import load_model
+
+    loaded = load_model(models_dir / server.model_id, device="cpu")
+    with store.open_db(server.db_path, read_only=True) as con:
+        users = con.execute(
+            "SELECT s.user_id FROM sequence_scores s JOIN (SELECT user_id FROM truth_events "
+            "GROUP BY 1 HAVING count(*) >= 20) t USING (user_id) WHERE s.model_id = ? "
+            "AND s.window_start IS NULL ORDER BY s.score_supervised DESC, 1 LIMIT 10",
+            [server.model_id],
+        ).fetchall()
+        for (user,) in users:
+            events = store.user_events(con, user)
+            groups = behaviour_groups(loaded, events, explain_events(loaded, events))
+            sessions = [g for g in groups if g.kind == "session"]
+            if sessions:  # the latest: the picker starts on an earlier one
+                return str(user), max(sessions, key=lambda g: g.first_ts).key
+    raise AssertionError("no fixture user with a session that carries its score")
+
+
+def test_selecting_a_session_that_carries_the_score_draws_its_graph(
+    server: Server, page, demo_env
+) -> None:
+    user, session = _user_with_a_session_group(server, demo_env.models_dir)
+    _open(page, server, f"/investigate?user={quote(user)}", "Investigate")
+    grid = page.locator(f".st-key-inv_behaviour_{user}")
+    grid.locator("canvas").first.wait_for(timeout=60_000)
+    grid.scroll_into_view_if_needed()
+    page.wait_for_selector(IDLE, state="attached")
+    rows = grid.locator("table[role=grid] tbody tr")
+    sync_api.expect(rows.first).to_be_attached()
+    keys = [rows.nth(i).locator("td").nth(1).inner_text().strip() for i in range(rows.count())]
+    assert session in keys
+    # the session graph's picker shows its choice in its input ("s0001 · 2026-10-07 ...")
+    picker = page.locator(f".st-key-inv_s_{user} input")
+    assert not picker.input_value().startswith(f"{session} ")
+    box = grid.locator('[data-testid="stDataFrameResizable"]').bounding_box()
+    assert box is not None
+    page.mouse.click(box["x"] + 18, box["y"] + 35 + 17 + 35 * keys.index(session))
+    sync_api.expect(picker).to_have_value(re.compile(rf"^{re.escape(session)} "), timeout=60_000)
+    _no_exception(page)
+
+
 def test_threshold_slider_changes_the_alert_count(server: Server, page) -> None:
     _open(page, server, "/thresholds", "Thresholds")
     count = _metric(page, "Alerts in range")
