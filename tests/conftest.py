@@ -80,3 +80,18 @@ def app_navigation_mode(monkeypatch: pytest.MonkeyPatch) -> None:
             PagesManager.uses_pages_directory = False
 
     monkeypatch.setattr(app_test, "PagesManager", NavigationPagesManager)
+
+
+def burst_users(db_path: Path, model_id: str, limit: int = 1) -> list[str]:
+    """Fraudulent users with a scripted burst (20 or more injected events), the model's most
+    confident first: whose explanations have a kind of behaviour that carries the score."""
+    from core import store
+
+    with store.open_db(db_path, read_only=True) as con:
+        rows = con.execute(
+            "SELECT s.user_id FROM sequence_scores s JOIN (SELECT user_id FROM truth_events "
+            "GROUP BY 1 HAVING count(*) >= 20) t USING (user_id) WHERE s.model_id = ? "
+            "AND s.window_start IS NULL ORDER BY s.score_supervised DESC, 1 LIMIT ?",
+            [model_id, limit],
+        ).fetchall()
+    return [str(r[0]) for r in rows]

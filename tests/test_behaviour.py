@@ -10,7 +10,7 @@ from core import store
 from core.behaviour import behaviour_groups, groups_frame
 from core.explain import ExplainSettings, displayed_scores, explain_events
 from core.scoring import LoadedModel, load_model
-from tests.conftest import DemoEnv
+from tests.conftest import DemoEnv, burst_users
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +22,8 @@ def loaded(demo_env: DemoEnv) -> LoadedModel:
 def burst_user(demo_env: DemoEnv) -> pd.DataFrame:
     """The fraudulent user with many injected events (a scripted burst) that the model scores
     highest, whole history."""
+    (user,) = burst_users(demo_env.db_path, demo_env.model_id)
     with store.open_db(demo_env.db_path, read_only=True) as con:
-        user = con.execute(
-            "SELECT s.user_id FROM sequence_scores s JOIN (SELECT user_id FROM truth_events "
-            "GROUP BY 1 HAVING count(*) >= 20) t USING (user_id) WHERE s.model_id = ? "
-            "AND s.window_start IS NULL ORDER BY s.score_supervised DESC, 1 LIMIT 1",
-            [demo_env.model_id],
-        ).fetchone()[0]  # type: ignore[index]
         return store.user_events(con, user)
 
 

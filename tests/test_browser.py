@@ -31,6 +31,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 from core import alerts, cases, store  # noqa: E402
 from core.scoring import DEFAULT_UNSUPERVISED_WEIGHT  # noqa: E402
+from tests.conftest import burst_users  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -304,19 +305,13 @@ def _user_with_a_session_group(server: Server, models_dir: Path) -> tuple[str, s
     from core.scoring import load_model
 
     loaded = load_model(models_dir / server.model_id, device="cpu")
-    with store.open_db(server.db_path, read_only=True) as con:
-        users = con.execute(
-            "SELECT s.user_id FROM sequence_scores s JOIN (SELECT user_id FROM truth_events "
-            "GROUP BY 1 HAVING count(*) >= 20) t USING (user_id) WHERE s.model_id = ? "
-            "AND s.window_start IS NULL ORDER BY s.score_supervised DESC, 1 LIMIT 10",
-            [server.model_id],
-        ).fetchall()
-        for (user,) in users:
+    for user in burst_users(server.db_path, server.model_id, limit=10):
+        with store.open_db(server.db_path, read_only=True) as con:
             events = store.user_events(con, user)
-            groups = behaviour_groups(loaded, events, explain_events(loaded, events))
-            sessions = [g for g in groups if g.kind == "session"]
-            if sessions:  # the latest: the picker starts on an earlier one
-                return str(user), max(sessions, key=lambda g: g.first_ts).key
+        groups = behaviour_groups(loaded, events, explain_events(loaded, events))
+        sessions = [g for g in groups if g.kind == "session"]
+        if sessions:  # the latest: the picker starts on an earlier one
+            return user, max(sessions, key=lambda g: g.first_ts).key
     raise AssertionError("no fixture user with a session that carries its score")
 
 

@@ -11,6 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import store
+from tests.conftest import burst_users
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -242,13 +243,8 @@ def test_the_behaviour_that_carries_a_burst_is_tabled(open_page, demo_env) -> No
     from core.explain import explain_events
     from core.scoring import load_model
 
+    (user,) = burst_users(demo_env.db_path, demo_env.model_id)
     with store.open_db(demo_env.db_path, read_only=True) as con:
-        user = con.execute(
-            "SELECT s.user_id FROM sequence_scores s JOIN (SELECT user_id FROM truth_events "
-            "GROUP BY 1 HAVING count(*) >= 20) t USING (user_id) WHERE s.model_id = ? "
-            "AND s.window_start IS NULL ORDER BY s.score_supervised DESC, 1 LIMIT 1",
-            [demo_env.model_id],
-        ).fetchone()[0]  # type: ignore[index]
         events = store.user_events(con, user)
     loaded = load_model(demo_env.models_dir / demo_env.model_id, device="cpu")
     groups = behaviour_groups(loaded, events, explain_events(loaded, events))
