@@ -261,7 +261,7 @@ def render(
             ],
         ]
         right.dataframe(
-            table,
+            blank_missing(table, {"target_without": "{:.2f}", "price": "{:,.2f}"}),
             hide_index=True,
             height=300,
             column_config={
@@ -269,9 +269,8 @@ def render(
                     "share", format="percent", min_value=0.0, max_value=1.0
                 ),
                 "ts": st.column_config.DatetimeColumn("time", format="YYYY-MM-DD HH:mm"),
-                "target_without": st.column_config.NumberColumn(
+                "target_without": st.column_config.TextColumn(
                     "fraud prob. without",
-                    format="%.2f",
                     help=f"The fraud probability ({att.own_scale_value:.2f} with every"
                     " event) once this event and the ones listed above it are removed",
                 ),
@@ -323,7 +322,7 @@ def render(
                     open_user(str(near["user_id"].iloc[rows[0]]))
 
             st.dataframe(
-                near,
+                blank_missing(near, {}, text=("label", "case")),
                 hide_index=True,
                 key=key,
                 on_select=on_pick,
@@ -429,3 +428,21 @@ def show_session(user: str, session_id: str) -> None:
     offered = st.session_state.get(f"_inv_sessions_{user}", ())
     if session_id in offered:
         st.session_state[f"inv_s_{user}"] = session_id
+
+
+def blank_missing(
+    frame: pd.DataFrame, formats: dict[str, str], text: tuple[str, ...] = ()
+) -> pd.DataFrame:
+    """For display: missing cells blank rather than Streamlit's "None" (a top event has no
+    price, a similar user no label or case yet) in the text columns (object dtype, or named in
+    ``text``: a column of nothing but missing values has no text dtype) and in the ``formats``
+    columns, which become text written with their format."""
+    out = frame.copy()
+    for column in out.columns:
+        values = out[column]
+        if column in formats:
+            fmt = formats[column]
+            out[column] = ["" if pd.isna(v) else fmt.format(v) for v in values]
+        elif column in text or values.dtype == object or pd.api.types.is_string_dtype(values):
+            out[column] = values.astype(object).where(values.notna(), "")
+    return out

@@ -208,11 +208,14 @@ def test_why_panels_show_attributions_similar_cases_and_a_grounded_summary(
     assert any("Integrated gradients (32 steps)" in c.value for c in at.caption)
     # the top events table: the fraud probability as the deletion search removed its picks
     top_table = next(d for d in at.dataframe if "top_field" in d.value.columns).value
-    assert top_table["target_without"].iloc[:5].between(0, 1).all()
-    assert top_table["target_without"].iloc[5:].isna().all()
+    # shown as text: two decimals along the path, blank past it (not Streamlit's "None")
+    assert top_table["target_without"].iloc[:5].astype(float).between(0, 1).all()
+    assert (top_table["target_without"].iloc[5:] == "").all()
+    assert not top_table.isna().any().any()
     assert any("Written by **template**" in c.value for c in at.caption)
     similar_table = next(d for d in at.dataframe if "similarity" in d.value.columns)
     assert len(similar_table.value) == 8 and user not in set(similar_table.value["user_id"])
+    assert not similar_table.value[["label", "case"]].isna().any().any()  # blank, not "None"
     # the account-level model's reasons: aggregates that raised its probability, with medians
     assert any(h.value == "Account-level signals" for h in at.subheader)
     signals = next(d for d in at.dataframe if "contribution" in d.value.columns).value
