@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -20,11 +21,13 @@ APP = str(Path(__file__).resolve().parents[1] / "app.py")
 def open_page(monkeypatch, app_navigation_mode):
     timings: list[float] = []
 
-    def run(db_path: Path, user: str | None) -> AppTest:
+    def run(db_path: Path, user: str | None, time_range: tuple | None = None) -> AppTest:
         monkeypatch.setenv("FRAUDLENS_DB", str(db_path))
         at = AppTest.from_file(APP, default_timeout=120)
         at.session_state["db_path"] = str(db_path)
         at.session_state["analyst"] = "tester"
+        if time_range is not None:  # the sidebar's date range, as an analyst would pick it
+            at.session_state["time_range"] = time_range
         at.run()  # st.navigation registers the url paths; switch_page needs them
         if user is not None:
             at.query_params["user"] = user
@@ -258,3 +261,22 @@ def test_the_behaviour_that_carries_a_burst_is_tabled(open_page, demo_env) -> No
     assert list(table["kind"]) == [g.kind for g in expected]
     assert list(table["event type / session"]) == [g.key for g in expected]
     assert table["share"].tolist() == pytest.approx([g.share for g in expected], rel=1e-6)
+
+
+def test_a_range_is_explained_with_the_history_before_it(open_page, demo_env) -> None:
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        user, first, last = con.execute(
+            # one window holds the whole history: the events before the range are in it
+            "SELECT user_id, min(ts), max(ts) FROM events GROUP BY 1 "
+            "HAVING count(DISTINCT CAST(ts AS DATE)) >= 6 AND count(*) <= 128 "
+            "ORDER BY count(*) DESC, 1 LIMIT 1"
+        ).fetchone()  # type: ignore[misc]
+    start = (first + (last - first) / 2).date()
+    at = explained(open_page(demo_env.db_path, user, (start, last.date())))
+    caption = next(c.value for c in at.caption if "Integrated gradients" in c.value)
+    context = re.search(r"The (\d+) events before the range were read as context only", caption)
+    assert context and int(context.group(1)) > 0, caption
+    assert "of the positive attribution" in caption
+    # the top events are the range's own
+    top = next(d for d in at.dataframe if "top_field" in d.value.columns).value
+    assert (pd.to_datetime(top["ts"]) >= pd.Timestamp(start)).all()
