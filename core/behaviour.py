@@ -47,9 +47,10 @@ def behaviour_groups(
     weight: float | None = None,
     top: int = 3,
 ) -> list[BehaviourGroup]:
-    """The ``top`` groups of each kind with the largest positive attribution, largest first
-    within a kind. ``events``: what the attribution was computed on (every column, as
-    ``store.user_events`` gives them, so the account-level model rescores too)."""
+    """The ``top`` groups of each kind with the largest positive attribution, largest share
+    first (the order the facts, the page and the CLI list them in). ``events``: what the
+    attribution was computed on (every column, as ``store.user_events`` gives them, so the
+    account-level model rescores too)."""
     frame = events.to_pandas() if isinstance(events, pa.Table) else events
     by_id = frame.set_index("event_id")
     inside = attribution.in_range
@@ -74,6 +75,7 @@ def behaviour_groups(
             found.append((kind, str(key), members, float(weight_sum) / positive))
     if not found:
         return []
+    found.sort(key=lambda group: -group[3])
 
     every = np.flatnonzero(inside)
     removable = [i for i, (_, _, members, _) in enumerate(found) if members.size < every.size]

@@ -236,12 +236,7 @@ def explain_user(
         return None
     attribution = explain_events(loaded, history, settings, start=start)
     check = counterfactual(loaded, history, attribution, weight=weight, threshold=threshold)
-    # Largest share first, as the facts (and so the CLI and the prompt) list them.
-    groups = tuple(
-        sorted(
-            behaviour_groups(loaded, history, attribution, weight=weight), key=lambda g: -g.share
-        )
-    )
+    groups = tuple(behaviour_groups(loaded, history, attribution, weight=weight))
 
     top = attribution.top_events(top_k)
     detail = history.set_index("event_id")

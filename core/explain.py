@@ -41,11 +41,10 @@ runs under ``LoadedModel.lock``; it needs gradients, so it never runs under
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Literal
 
@@ -550,7 +549,7 @@ def _integrate(
             if steps <= 1:
                 raise too_big("integration steps") from None
             free_cached_memory()
-            settings = dataclasses.replace(settings, internal_batch_size=steps // 2)
+            settings = replace(settings, internal_batch_size=steps // 2)
 
 
 def _refine_by_deletion(
@@ -705,6 +704,15 @@ def _subset_scores(
     return shown, np.full(len(row_sets), np.nan) if sup is None else sup, raw
 
 
+def _encoded_with_range(
+    loaded: LoadedModel, events: pd.DataFrame | pa.Table, attribution: Attribution
+) -> tuple[EncodedEvents, np.ndarray]:
+    """The events the attribution was computed on, encoded, and which of them are in its range
+    (per encoded row: the rest is context)."""
+    encoded = loaded.featurizer.transform(events)
+    return encoded, _in_range(encoded.ts, attribution.range_start)
+
+
 def window_target_scores(
     loaded: LoadedModel,
     events: pd.DataFrame | pa.Table,
@@ -731,9 +739,8 @@ def window_scores(
     events at window positions ``keep[i]``, one pair per subset, in one batched pass. With
     ``aggregate`` and every column in ``events`` (as ``store.user_events`` gives them) the
     account-level model rescores each subset too, as in the deletion check."""
-    encoded = loaded.featurizer.transform(events)
+    encoded, scored = _encoded_with_range(loaded, events, attribution)
     rows = attribution.window_rows
-    scored = _in_range(encoded.ts, attribution.range_start)
     subsets = []
     for k in keep:
         positions = np.unique(np.asarray(k, dtype=np.int64))
@@ -778,8 +785,7 @@ def counterfactual(
     k = s.counterfactual_k if k is None else k
     draws = s.random_draws if random_draws is None else random_draws
     rng = np.random.default_rng(s.seed if seed is None else seed)
-    encoded = loaded.featurizer.transform(events)
-    scored = _in_range(encoded.ts, attribution.range_start)
+    encoded, scored = _encoded_with_range(loaded, events, attribution)
     rows = attribution.window_rows
     explained = np.flatnonzero(attribution.in_range)  # context events are never removed
     n = explained.size

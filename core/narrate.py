@@ -393,6 +393,12 @@ def _group_name(g: GroupFact, whose: str = "its") -> str:
     return f"one session {span} ({g.n_events:,} {'event' if g.n_events == 1 else 'events'})"
 
 
+def _groups_owner(facts: Facts) -> str:
+    """On a long history the groups are the explained window's, not the whole account's."""
+    cf = facts.counterfactual
+    return "the window's" if cf is not None and cf.window_events else "its"
+
+
 def behaviour_sentence(facts: Facts) -> str:
     """Of the kinds of behaviour that carry most of the attribution (over half), the one whose
     removal lowers the score most, and the score without it: what the top events cannot say
@@ -403,8 +409,7 @@ def behaviour_sentence(facts: Facts) -> str:
         return ""
     g = min(usable, key=lambda x: (x.score_without, -x.share))
     assert g.score_without is not None
-    # On a long history the groups are the explained window's, not the whole account's.
-    name = _group_name(g, "the window's" if cf.window_events else "its")
+    name = _group_name(g, _groups_owner(facts))
     it = "them" if g.kind == "event type" and g.n_events != 1 else "it"
     verb = "carry" if it == "them" else "carries"
     pair = _score_pair(cf.score_before, g.score_without)
@@ -546,8 +551,7 @@ def facts_text(facts: Facts) -> str:
             "kinds of behaviour in the explained window (share of the positive attribution; "
             "score of the window without them):"
         )
-        cf = facts.counterfactual
-        whose = "the window's" if cf is not None and cf.window_events else "its"
+        whose = _groups_owner(facts)
         for g in facts.behaviour:
             without = "n/a (every event)" if g.score_without is None else _fmt(g.score_without)
             share = percent_text(g.share)

@@ -28,7 +28,7 @@ from core.narrate import (
     make_narrator,
     narrate,
 )
-from pages._shared import loaded_model
+from pages._shared import blank_missing, loaded_model
 
 
 @st.cache_data(ttl=600, max_entries=8, show_spinner=False)
@@ -377,7 +377,8 @@ def behaviour_table(found: evidence.Explanation) -> None:
     """The kinds of behaviour (event types, sessions) that carry the score, and the score of
     the explained window without each (core.behaviour)."""
     st.markdown("**Behaviour that carries the score**")
-    table = groups_frame(list(found.behaviour)).rename(columns={"key": "event type / session"})
+    shown = ["kind", "key", "n_events", "share", "first_ts", "last_ts", "score_without"]
+    table = groups_frame(list(found.behaviour))[shown]
     user = found.facts.user_id
     key = f"inv_behaviour_{user}"
 
@@ -388,22 +389,13 @@ def behaviour_table(found: evidence.Explanation) -> None:
             show_session(user, group.key)
 
     st.dataframe(
-        table[
-            [
-                "kind",
-                "event type / session",
-                "n_events",
-                "share",
-                "first_ts",
-                "last_ts",
-                "score_without",
-            ]
-        ],
+        table,
         hide_index=True,
         key=key,
         on_select=on_pick,
         selection_mode="single-row",
         column_config={
+            "key": "event type / session",
             "n_events": st.column_config.NumberColumn("events", format="%d"),
             "share": st.column_config.ProgressColumn(
                 "share", format="percent", min_value=0.0, max_value=1.0
@@ -428,21 +420,3 @@ def show_session(user: str, session_id: str) -> None:
     offered = st.session_state.get(f"_inv_sessions_{user}", ())
     if session_id in offered:
         st.session_state[f"inv_s_{user}"] = session_id
-
-
-def blank_missing(
-    frame: pd.DataFrame, formats: dict[str, str], text: tuple[str, ...] = ()
-) -> pd.DataFrame:
-    """For display: missing cells blank rather than Streamlit's "None" (a top event has no
-    price, a similar user no label or case yet) in the text columns (object dtype, or named in
-    ``text``: a column of nothing but missing values has no text dtype) and in the ``formats``
-    columns, which become text written with their format."""
-    out = frame.copy()
-    for column in out.columns:
-        values = out[column]
-        if column in formats:
-            fmt = formats[column]
-            out[column] = ["" if pd.isna(v) else fmt.format(v) for v in values]
-        elif column in text or values.dtype == object or pd.api.types.is_string_dtype(values):
-            out[column] = values.astype(object).where(values.notna(), "")
-    return out

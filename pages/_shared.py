@@ -104,3 +104,21 @@ def require_model(ctx: PageContext) -> None:
             "`fraudlens train` then `fraudlens score`."
         )
         st.stop()
+
+
+def blank_missing(
+    frame: pd.DataFrame, formats: dict[str, str], text: tuple[str, ...] = ()
+) -> pd.DataFrame:
+    """For display: missing cells blank rather than Streamlit's "None" (a top event has no
+    price, a similar user no label or case yet) in the text columns (object dtype, or named in
+    ``text``: a column of nothing but missing values has no text dtype) and in the ``formats``
+    columns, which become text written with their format."""
+    out = frame.copy()
+    for column in out.columns:
+        values = out[column]
+        if column in formats:
+            fmt = formats[column]
+            out[column] = ["" if pd.isna(v) else fmt.format(v) for v in values]
+        elif column in text or values.dtype == object or pd.api.types.is_string_dtype(values):
+            out[column] = values.astype(object).where(values.notna(), "")
+    return out

@@ -259,7 +259,7 @@ def test_the_behaviour_that_carries_a_burst_is_tabled(open_page, demo_env) -> No
     at = explained(open_page(demo_env.db_path, user))
     table = next(d for d in at.dataframe if "score_without" in d.value.columns).value
     assert list(table["kind"]) == [g.kind for g in expected]
-    assert list(table["event type / session"]) == [g.key for g in expected]
+    assert list(table["key"]) == [g.key for g in expected]
     assert table["share"].tolist() == pytest.approx([g.share for g in expected], rel=1e-6)
 
 
