@@ -231,6 +231,7 @@ def explain_sample(
     from core import store
     from core.evidence import explain_user
     from core.explain import ExplainSettings
+    from core.sequences import add_accounts_before
 
     settings = ExplainSettings(n_steps=steps, target=target)  # type: ignore[arg-type]
     out = TargetResults(target=target)
@@ -238,7 +239,8 @@ def explain_sample(
     for i, (user_id, typology) in enumerate(users, start=1):
         with store.open_db(db, read_only=True) as con:
             truth = fraud_event_ids(con, user_id)
-            events = store.user_events(con, user_id, None, None)  # for the deletion checks
+            # for the deletion checks, as explain_user reads them
+            events = add_accounts_before(con, store.user_events(con, user_id, None, None))
             t0 = time.perf_counter()
             explanation = explain_user(
                 con,
@@ -506,6 +508,7 @@ def run(args: argparse.Namespace) -> Path:
     from core.alerts import DEFAULT_THRESHOLD
     from core.evidence import population_statistics
     from core.scoring import latest_model, load_model
+    from core.sequences import add_accounts_before
 
     torch.set_num_threads(2)
     load_at_start = os.getloadavg()
@@ -534,7 +537,7 @@ def run(args: argparse.Namespace) -> Path:
             [SHAPE_EVENTS],
         ).fetchone()
         shape_events = (
-            store.user_events(con, str(long_user[0])).iloc[:SHAPE_EVENTS]
+            add_accounts_before(con, store.user_events(con, str(long_user[0]))).iloc[:SHAPE_EVENTS]
             if long_user is not None
             else None
         )

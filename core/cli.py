@@ -753,11 +753,25 @@ def prepare(db: DbOption = None) -> None:
                 "SELECT count(*) FROM sequence_scores WHERE model_id = ?", [found[0]]
             ).fetchall()[0][0]
         )
+    if found is not None and (stale := _unreadable_model(found[1])):
+        typer.echo(f"model {found[0]} was trained by an older fraudlens ({stale}): retraining")
+        found, scored = None, 0
     if found is None:
         typer.echo("no model yet: training the small model on this database (CPU: ~4 minutes)")
         train(db=path)
     if not scored:
         score(db=path)
+
+
+def _unreadable_model(path: Path) -> str | None:
+    """Why this code cannot read the model's featurizer (its fields changed), or None."""
+    from core.sequences import SequenceFeaturizer
+
+    try:
+        SequenceFeaturizer.load(path)
+    except (ValueError, FileNotFoundError) as err:
+        return str(err)
+    return None
 
 
 EXPLAIN_TARGETS = ("auto", "supervised", "unsupervised")

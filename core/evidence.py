@@ -38,6 +38,7 @@ from core.narrate import (
     Summary,
 )
 from core.scoring import LoadedModel
+from core.sequences import add_accounts_before
 
 # The event columns an analyst reads on a top event (fields of EventFact), in this order.
 EVENT_FACT_COLUMNS: tuple[str, ...] = (
@@ -230,7 +231,7 @@ def explain_user(
     with store.using(db, read_only=read_only) as con:
         # Everything before the range too: the model's context (see core.explain), as ranged
         # scoring reads it; the facts and statistics describe the range's events only.
-        history = store.user_events(con, user_id, None, end)
+        history = add_accounts_before(con, store.user_events(con, user_id, None, end))
     events = history if start is None else history[history["ts"] >= schema.naive_utc(start)]
     if events.empty:
         return None

@@ -74,14 +74,19 @@ FIELD_LABELS: dict[str, str] = {
     "new_ip": "new IP",
     "new_country": "new country",
     "new_card": "new card",
+    "device_accounts": "device used by other accounts",
+    "card_accounts": "card used by other accounts",
 }
 # A "new_*" field is a flag: when it carried an event's score with the value *not new*, the
-# event's top field says so (a card seen last month is not a "new card").
+# event's top field says so (a card seen last month is not a "new card"). The same for an entity
+# no other account had used: its count bucket "0" is the FLAG_SEEN index.
 SEEN_LABELS: dict[str, str] = {
     "new_device": "device seen before",
     "new_ip": "IP seen before",
     "new_country": "country seen before",
     "new_card": "card seen before",
+    "device_accounts": "device used by no other account",
+    "card_accounts": "card used by no other account",
 }
 
 

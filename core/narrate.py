@@ -358,6 +358,10 @@ _FIELD_OF_LABEL = {
     "IP seen before": "ip",
     "country seen before": "country",
     "card seen before": "card_id",
+    "device used by other accounts": "device_id",
+    "card used by other accounts": "card_id",
+    "device used by no other account": "device_id",
+    "card used by no other account": "card_id",
     "price": "price",
     "category": "category",
 }

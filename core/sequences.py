@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import duckdb
 import numpy as np
@@ -25,6 +25,8 @@ import pyarrow as pa
 from core.schema import COLUMN_NAMES, naive_utc
 
 PAD, ABSENT, UNK, FIRST_REAL = 0, 1, 2, 3
+
+EventsT = TypeVar("EventsT", pa.Table, pd.DataFrame)
 
 FIELDS: tuple[str, ...] = (
     "event_type",
@@ -36,6 +38,8 @@ FIELDS: tuple[str, ...] = (
     "new_ip",
     "new_country",
     "new_card",
+    "device_accounts",
+    "card_accounts",
 )
 
 # The event column each "new_*" flag watches: the flag is on when the value is the first of its
@@ -47,6 +51,20 @@ NEW_VALUE_FIELDS: dict[str, str] = {
     "new_card": "payment_id",
 }
 
+# The entity each "*_accounts" field watches: how many *other* accounts had used this device /
+# card before this event (bucketed). An entity shared across accounts is the mark of
+# multi-accounting (rings, farms, a stolen card on many accounts) that a per-user sequence
+# cannot see otherwise. IP addresses are left out on purpose: carrier NAT, offices and VPN exits
+# put many honest accounts behind one address, so a count of accounts per IP says little.
+SHARED_ENTITY_FIELDS: dict[str, str] = {
+    "device_accounts": "device_id",
+    "card_accounts": "payment_id",
+}
+# Column that carries the count of other accounts in a loaded table (see accounts_before).
+ACCOUNTS_BEFORE_SUFFIX = "__accounts_before"
+# Bucket i holds counts in [edge[i-1], edge[i]): 0, 1, 2-3, 4-7, 8-15, 16+.
+ACCOUNTS_EDGES: tuple[int, ...] = (1, 2, 4, 8, 16)
+
 # Which event column each field is read from (explanations name the column an analyst knows).
 FIELD_SOURCES: dict[str, str] = {
     "event_type": "event_type",
@@ -55,11 +73,15 @@ FIELD_SOURCES: dict[str, str] = {
     "gap": "ts",
     "hour": "ts",
     **NEW_VALUE_FIELDS,
+    **SHARED_ENTITY_FIELDS,
 }
 
 # The columns featurisation reads; load_events selects only these by default.
 SEQUENCE_COLUMNS: tuple[str, ...] = tuple(
     c for c in COLUMN_NAMES if c in {"event_id", "user_id", *FIELD_SOURCES.values()}
+)
+_COUNT_COLUMNS: tuple[str, ...] = tuple(
+    c + ACCOUNTS_BEFORE_SUFFIX for c in SHARED_ENTITY_FIELDS.values()
 )
 
 # Gap buckets are fixed (not fitted) so that a gap token means the same thing in every model:
@@ -70,10 +92,12 @@ GAP_BUCKET0 = FIRST_REAL + 1
 
 FLAG_SEEN, FLAG_NEW = FIRST_REAL, FIRST_REAL + 1
 _FIRST_FLAG = FIELDS.index("new_device")
-if FIELDS[_FIRST_FLAG:] != tuple(NEW_VALUE_FIELDS):
-    raise AssertionError("FIELDS must end with the NEW_VALUE_FIELDS, in order")
+_FIRST_SHARED = _FIRST_FLAG + len(NEW_VALUE_FIELDS)
+if FIELDS[_FIRST_FLAG:] != (*NEW_VALUE_FIELDS, *SHARED_ENTITY_FIELDS):
+    raise AssertionError("FIELDS must end with the NEW_VALUE_FIELDS then SHARED_ENTITY_FIELDS")
 
-_FORMAT_VERSION = 1
+# 2: the device_accounts / card_accounts fields.
+_FORMAT_VERSION = 2
 _FILE_NAME = "featurizer.json"
 
 
@@ -156,9 +180,10 @@ def _utc_naive(ts: pd.Series) -> np.ndarray:
 
 def _as_frame(events: pd.DataFrame | pa.Table) -> pd.DataFrame:
     """Only the columns featurisation reads, so sorting does not copy text and the like."""
+    keep = {*SEQUENCE_COLUMNS, *_COUNT_COLUMNS}
     if isinstance(events, pa.Table):
-        return events.select([c for c in events.column_names if c in SEQUENCE_COLUMNS]).to_pandas()
-    return events[[c for c in events.columns if c in SEQUENCE_COLUMNS]]
+        return events.select([c for c in events.column_names if c in keep]).to_pandas()
+    return events[[c for c in events.columns if c in keep]]
 
 
 class SequenceFeaturizer:
@@ -221,6 +246,7 @@ class SequenceFeaturizer:
             "gap": GAP_BUCKET0 + len(self.gap_edges_s) + 1,
             "hour": FIRST_REAL + 24,
             **{name: flag for name in NEW_VALUE_FIELDS},
+            **{name: FIRST_REAL + len(ACCOUNTS_EDGES) + 1 for name in SHARED_ENTITY_FIELDS},
         }
 
     # -- transforming ------------------------------------------------------------------------
@@ -228,7 +254,9 @@ class SequenceFeaturizer:
         """Encode events; sorts by (user_id, ts, event_id) unless already in that order.
 
         Flags and gaps look only at the events given: pass a user's whole history (or accept
-        that a device first seen before the window counts as new).
+        that a device first seen before the window counts as new). The shared-entity fields
+        read the ``<column>__accounts_before`` counts that load_events adds from the whole
+        database; without them, the other accounts are counted among the events given.
         """
         self._check_fitted()
         df = _as_frame(events)
@@ -273,6 +301,11 @@ class SequenceFeaturizer:
         out[:, 3], out[:, 4] = self._time_tokens(ts, ts_us, user_start)
         for j, column in enumerate(NEW_VALUE_FIELDS.values(), start=_FIRST_FLAG):
             out[:, j] = _new_value_flags(user_codes, df[column]) if column in df.columns else ABSENT
+        for j, column in enumerate(SHARED_ENTITY_FIELDS.values(), start=_FIRST_SHARED):
+            counts = df.get(column + ACCOUNTS_BEFORE_SUFFIX)
+            if counts is None and column in df.columns:
+                counts = pd.Series(_accounts_before_in_frame(user_codes, ts_us, df[column]))
+            out[:, j] = ABSENT if counts is None else _accounts_tokens(counts)
         return EncodedEvents(
             fields=out, user_ids=user_ids, offsets=offsets, event_ids=event_ids, ts=ts
         )
@@ -373,6 +406,13 @@ class SequenceFeaturizer:
             return f"{_fmt_seconds(edges[j])}–{_fmt_seconds(edges[j + 1])}"
         if field == "hour":
             return f"{i:02d}h UTC"
+        if field in SHARED_ENTITY_FIELDS:
+            edges = [0, *ACCOUNTS_EDGES]
+            lo = edges[i]
+            hi = edges[i + 1] - 1 if i + 1 < len(edges) else None
+            many = "other account" if lo == 1 and hi == 1 else "other accounts"
+            span = f"{lo}" if hi == lo else (f"{lo}–{hi}" if hi is not None else f"{lo}+")
+            return f"{span} {many} before"
         return "new" if index == FLAG_NEW else "seen before"
 
 
@@ -404,6 +444,104 @@ def _new_value_flags(user_codes: np.ndarray, values: pd.Series) -> np.ndarray:
     out = np.where(seen, FLAG_SEEN, FLAG_NEW)
     out[absent] = ABSENT
     return out
+
+
+def _accounts_tokens(counts: pd.Series) -> np.ndarray:
+    values = pd.to_numeric(counts, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    absent = np.isnan(values)
+    tok = FIRST_REAL + np.searchsorted(
+        np.asarray(ACCOUNTS_EDGES, dtype=np.float64), np.where(absent, 0.0, values), side="right"
+    )
+    tok[absent] = ABSENT
+    return tok
+
+
+# Per (entity, account): when the account first used it; then, per event, how many accounts had
+# first used its entity strictly before it (an as-of join on the running count of accounts), less
+# the event's own account when that one came earlier. Written in SQL because DuckDB's ASOF join
+# does in one pass what pandas would need a per-entity loop for.
+_ACCOUNTS_BEFORE_SQL = """
+pairs AS (
+    SELECT entity, user_id, min(ts) AS t0 FROM population WHERE entity IS NOT NULL GROUP BY ALL
+), running AS (
+    SELECT entity, t0, max(n) AS n FROM (
+        SELECT entity, t0, count(*) OVER (PARTITION BY entity ORDER BY t0) AS n FROM pairs
+    ) GROUP BY ALL
+)
+SELECT CASE WHEN s.entity IS NULL THEN NULL
+            ELSE coalesce(r.n, 0) - CASE WHEN p.t0 < s.ts THEN 1 ELSE 0 END END AS n
+FROM sel s
+ASOF LEFT JOIN running r ON s.entity = r.entity AND s.ts > r.t0
+LEFT JOIN pairs p ON p.entity = s.entity AND p.user_id = s.user_id
+ORDER BY s.row
+"""
+
+
+def _count_accounts_before(
+    con: duckdb.DuckDBPyConnection, sel: pa.Table, population: str
+) -> np.ndarray:
+    """Counts for the rows of ``sel`` (user_id, ts, entity), in their order; NaN where the
+    entity is missing. ``population``: SQL giving (user_id, ts, entity) of every account."""
+    sel = sel.append_column("row", pa.array(np.arange(sel.num_rows, dtype=np.int64)))
+    sql = f"WITH population AS ({population}), {_ACCOUNTS_BEFORE_SQL}"
+    out = con.from_arrow(sel).query("sel", sql).fetchnumpy()["n"]
+    return np.asarray(pd.array(out, dtype="Float64").to_numpy(np.float64, na_value=np.nan))
+
+
+def _accounts_before_in_frame(
+    user_codes: np.ndarray, ts_us: np.ndarray, values: pd.Series
+) -> np.ndarray:
+    """For each event, how many other accounts among these rows used its value strictly earlier
+    (NaN where the value is missing): the events given are taken as the whole population."""
+    entity = values.astype("string").to_numpy(object, na_value=None)
+    sel = pa.table(
+        {
+            "user_id": pa.array(user_codes.astype(np.int64)),
+            "ts": pa.array(ts_us.astype(np.int64)),
+            "entity": pa.array(entity, pa.string()),
+        }
+    )
+    with duckdb.connect() as con:
+        return _count_accounts_before(con, sel, "SELECT user_id, ts, entity FROM sel")
+
+
+def add_accounts_before(con: duckdb.DuckDBPyConnection, events: EventsT) -> EventsT:
+    """``events`` (loaded from ``con``'s events table; Arrow or pandas) with, per shared-entity
+    column present, ``<column>__accounts_before``: how many other accounts in the whole
+    database had used the event's device / card before it. Every account counts, not just the
+    ones loaded."""
+    table = events if isinstance(events, pa.Table) else None
+    names = set(events.column_names if isinstance(events, pa.Table) else events.columns)
+    if not {"user_id", "ts"} <= names:
+        return events
+    for column in SHARED_ENTITY_FIELDS.values():
+        if column not in names or column + ACCOUNTS_BEFORE_SUFFIX in names:
+            continue
+        if table is None:
+            frame = events[["user_id", "ts", column]]  # type: ignore[index]
+            part = pa.Table.from_pandas(frame, preserve_index=False)
+        else:
+            part = table
+        sel = pa.table(
+            {
+                "user_id": part.column("user_id").cast(pa.string()),
+                "ts": part.column("ts"),
+                "entity": part.column(column).cast(pa.string()),
+            }
+        )
+        # Identifiers from SHARED_ENTITY_FIELDS (a fixed list); only entities loaded are read.
+        population = (
+            f"SELECT user_id, ts, {column} AS entity FROM events"  # noqa: S608
+            f" WHERE {column} IN (SELECT entity FROM sel)"
+        )
+        counts = _count_accounts_before(con, sel, population)
+        name = column + ACCOUNTS_BEFORE_SUFFIX
+        if table is None:
+            events = events.assign(**{name: counts})  # type: ignore[union-attr]
+        else:
+            table = table.append_column(name, pa.array(counts, pa.float64(), from_pandas=True))
+            events = table  # type: ignore[assignment]
+    return events
 
 
 # -- windows -------------------------------------------------------------------------------------
@@ -498,6 +636,7 @@ def load_events(
 
     Selects only the requested columns that the ``events`` table has (data with just user_id,
     ts and event_type is fine). Pass ``columns=core.schema.COLUMN_NAMES`` for every column.
+    Device and card columns come with their ``__accounts_before`` counts (add_accounts_before).
     """
     unknown = set(columns) - set(COLUMN_NAMES)
     if unknown:
@@ -522,4 +661,4 @@ def load_events(
         + (f" WHERE {' AND '.join(where)}" if where else "")
         + f" ORDER BY {', '.join(order)}"
     )
-    return con.sql(query, params=params).to_arrow_table()
+    return add_accounts_before(con, con.sql(query, params=params).to_arrow_table())

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from core import alerts, cases, store
 from core.cli import app
+from tests.conftest import DemoEnv
 
 FORMULA_USER = '=HYPERLINK("http://x","y")'
 EXPORT_COLUMNS = [
@@ -375,3 +376,36 @@ def test_labels_from_a_file_then_cases_exported_from_the_cli(env: Path) -> None:
     assert actions[-2:] == ["export_cases", "export_evidence"]
     result = invoke("export-cases", str(env / "x.csv"), "--case", "99")
     assert result.exit_code == 1 and "99" in result.output
+
+
+def test_prepare_retrains_a_model_this_code_cannot_read(
+    demo_db_copy: DemoEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model from before a featurizer change (its fields differ) is not reused by `make run`:
+    the app could not load it. A model it can read is kept."""
+    import shutil
+
+    from core import cli
+
+    trained: list[Path] = []
+    monkeypatch.setattr(cli, "train", lambda db: trained.append(db))
+    monkeypatch.setattr(cli, "score", lambda db: None)
+    db = demo_db_copy.db_path
+    result = CliRunner().invoke(app, ["prepare", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    assert trained == [] and "retraining" not in result.output
+
+    old = tmp_path / "old_model"
+    shutil.copytree(demo_db_copy.models_dir / demo_db_copy.model_id, old)
+    featurizer = json.loads((old / "featurizer.json").read_text())
+    featurizer["format_version"] = 1
+    featurizer["fields"] = featurizer["fields"][:9]
+    (old / "featurizer.json").write_text(json.dumps(featurizer))
+    with store.open_db(db) as con:
+        con.execute(
+            "UPDATE models SET path = ? WHERE model_id = ?", [str(old), demo_db_copy.model_id]
+        )
+    result = CliRunner().invoke(app, ["prepare", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    assert "older fraudlens" in result.output and "retraining" in result.output
+    assert trained == [db]

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from core import store
 from core.cli import app
+from core.sequences import FIELDS
 from tests.conftest import DemoEnv
 
 LLM_VARS = (
@@ -126,7 +127,7 @@ def test_json_has_attributions_per_event_and_field_and_a_grounded_summary(
 
     att = data["attribution"]
     fields = att["field_names"]
-    assert len(fields) == 9 and "event_type" in fields
+    assert fields == list(FIELDS)
     events = att["events"]
     assert len(events) == att["n_events"] == min(len(ids), 128)  # the tiny model's max_len
     assert att["n_events_total"] == len(ids)

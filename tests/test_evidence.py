@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -196,3 +197,30 @@ def test_a_ranged_explanation_describes_the_range_read_with_its_history(
     assert {e.event_id for e in found.facts.top_events} <= in_ids
     summary = narrate(found.facts, TemplateNarrator())
     assert not summary.flagged, summary.grounding.problems
+
+
+def test_an_explanation_reads_the_other_accounts_on_a_device_as_scoring_does(
+    demo_env: DemoEnv, loaded: LoadedModel
+) -> None:
+    """The device / card counts come from the whole database: an explanation that featurised
+    the user's events alone would see no other account and explain a different score."""
+    from core.explain import ExplainSettings
+    from core.scoring import score_users
+    from core.sequences import FIELDS, FLAG_SEEN, load_events
+
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        events = load_events(con).to_pandas()
+        short = events.groupby("user_id")["event_id"].transform("size") <= 128  # one window
+        shared = events[short & (events["device_id__accounts_before"] >= 1)]
+        assert not shared.empty, "the demo world shares devices between users"
+        user, event_id = str(shared["user_id"].iloc[0]), int(shared["event_id"].iloc[0])
+        found = explain_user(
+            con, loaded, user, threshold=0.5,
+            settings=ExplainSettings(n_steps=8, target="unsupervised"),
+        )  # fmt: skip
+    assert found is not None
+    att = found.attribution
+    position = int(np.flatnonzero(att.event_ids == event_id)[0])
+    assert att.fields[position, FIELDS.index("device_accounts")] > FLAG_SEEN
+    scored = score_users(demo_env.db_path, loaded, users=[user], write=False)
+    assert att.target_value == pytest.approx(float(scored["score_unsupervised"].iloc[0]), rel=1e-4)

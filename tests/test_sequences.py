@@ -162,14 +162,77 @@ def test_transforming_users_in_chunks_matches_one_call() -> None:
     frame = frame.sample(frac=1.0, random_state=1)  # shuffled rows
     frame["device_id"] = np.where(np.arange(len(frame)) % 3 == 0, "dA", "dB")
     featurizer = SequenceFeaturizer().fit(frame)
-    whole = featurizer.transform(frame)
+    con = duckdb.connect()
+    con.execute("CREATE TABLE events AS SELECT * FROM frame")
+    whole = featurizer.transform(load_events(con))
     users = sorted(frame["user_id"].unique())
-    parts = [
-        featurizer.transform(frame[frame["user_id"].isin(users[i : i + 2])]) for i in (0, 2, 4)
-    ]
+    parts = [featurizer.transform(load_events(con, users=users[i : i + 2])) for i in (0, 2, 4)]
     np.testing.assert_array_equal(np.concatenate([p.fields for p in parts]), whole.fields)
     np.testing.assert_array_equal(np.concatenate([p.event_ids for p in parts]), whole.event_ids)
     assert np.all(np.diff(whole.ts.astype(np.int64)[: whole.offsets[1]]) >= 0)
+    # A frame without the database's counts counts the other accounts among its own rows: for
+    # the whole population that is the same thing.
+    np.testing.assert_array_equal(featurizer.transform(frame).fields, whole.fields)
+    assert (whole.fields[:, F["device_accounts"]] > FLAG_SEEN).any()
+
+
+def shared_device_frame() -> pd.DataFrame:
+    t = pd.Timestamp("2024-05-01 10:00:00")
+    minute = pd.Timedelta(minutes=1)
+    rows = [  # (user, minutes after t, device, card)
+        ("a", 0, "dX", "c1"),
+        ("b", 0, "dX", None),  # the same instant as a's first use: not "before"
+        ("c", 5, "dX", "c1"),
+        ("d", 9, "dX", None),
+        ("a", 20, "dX", "c1"),  # a's own earlier use does not count
+        ("e", 30, None, "c1"),
+        ("f", 40, "dY", None),
+    ]
+    return pd.DataFrame(
+        {
+            "event_id": np.arange(len(rows)),
+            "user_id": [r[0] for r in rows],
+            "ts": [t + r[1] * minute for r in rows],
+            "event_type": "purchase",
+            "device_id": [r[2] for r in rows],
+            "payment_id": [r[3] for r in rows],
+        }
+    )
+
+
+def test_shared_entity_fields_count_other_accounts_seen_before_each_event() -> None:
+    frame = shared_device_frame()
+    con = duckdb.connect()
+    con.execute("CREATE TABLE events AS SELECT * FROM frame")
+    loaded = load_events(con).to_pandas().set_index("event_id").sort_index()
+    assert loaded["device_id__accounts_before"].tolist()[:5] == [0, 0, 2, 3, 3]
+    assert np.isnan(loaded.loc[5, "device_id__accounts_before"])
+    assert loaded.loc[6, "device_id__accounts_before"] == 0
+    card = loaded["payment_id__accounts_before"]
+    assert card[[0, 2, 4, 5]].tolist() == [0, 1, 1, 2]
+    assert card[[1, 3, 6]].isna().all()
+
+    featurizer = SequenceFeaturizer().fit(frame)
+    encoded = featurizer.transform(load_events(con))
+    by_event = pd.DataFrame(encoded.fields, index=encoded.event_ids, columns=FIELDS).sort_index()
+    # buckets 0, 1, 2-3, 4-7, ...: 0 other accounts is the first real index
+    assert by_event["device_accounts"].tolist() == [
+        FLAG_SEEN,
+        FLAG_SEEN,
+        FLAG_SEEN + 2,
+        FLAG_SEEN + 2,
+        FLAG_SEEN + 2,
+        ABSENT,
+        FLAG_SEEN,
+    ]
+    assert featurizer.token_label("device_accounts", FLAG_SEEN + 2) == "2–3 other accounts before"
+    assert featurizer.token_label("card_accounts", FLAG_SEEN + 1) == "1 other account before"
+    # One user's events loaded alone (a range of them, even) still count every account.
+    alone = load_events(con, users=["d"], start=datetime(2024, 5, 1, 10, 9))
+    assert alone.column("device_id__accounts_before").to_pylist() == [3]
+    # Data without device or card columns: the fields are absent.
+    bare = featurizer.transform(frame.drop(columns=["device_id", "payment_id"]))
+    assert (bare.fields[:, [F["device_accounts"], F["card_accounts"]]] == ABSENT).all()
 
 
 def test_windows_overlap_cover_every_event_and_map_back() -> None:
@@ -218,7 +281,11 @@ def test_length_bucketed_batches_cover_all_windows_trimmed() -> None:
     widths = [b.fields.shape[1] for b in batches]
     assert widths == [11, 7, 3]  # longest first, each trimmed to its own longest window
     for b in batches:
-        assert b.mask[:, -1].any() and b.fields.shape == (len(b.index), b.mask.shape[1], 9)
+        assert b.mask[:, -1].any() and b.fields.shape == (
+            len(b.index),
+            b.mask.shape[1],
+            len(FIELDS),
+        )
         np.testing.assert_array_equal(b.fields, win.fields[b.index, : b.mask.shape[1]])
         np.testing.assert_array_equal(b.event_ids, win.event_ids[b.index, : b.mask.shape[1]])
     unsorted = list(iter_window_batches(win, batch_size=4, sort_by_length=False))
@@ -264,7 +331,8 @@ def test_load_events_filters_and_sorts() -> None:
         "price",
         "device_id",
         "ip",
-    ]  # only the columns featurisation reads, and only those the table has
+        "device_id__accounts_before",
+    ]  # only the columns featurisation reads, those the table has, and the device's counts
     assert table["event_id"].to_pylist() == [12, 13]
     aware_end = datetime(2024, 3, 1, 23, 30, 1, tzinfo=UTC)
     both = load_events(con, end=aware_end)

@@ -608,12 +608,19 @@ def test_an_epoch_sample_keeps_every_positive_and_draws_fresh_negatives() -> Non
     assert len(_epoch_sample(np.array([1] * 5 + [0] * 3), 4.0, seed=1)) == 8
 
 
+# The model is field-generic; these windows use the per-event fields without the shared-entity
+# counts. With them (constant, as they nearly are in logs) this tiny model trained from scratch
+# sits on a plateau past the test's 12 epochs: 0 of 4 torch seeds learned the signal, against 4
+# of 4 without them (session 13). Real fine-tuning starts from a pretrained model.
+_PLANTED_FIELDS = [f for f in FIELDS if f not in ("device_accounts", "card_accounts")]
+
+
 def _planted_windows(n: int, seed: int) -> tuple[object, np.ndarray]:
     """Windows whose label is whether event type 10 appears: learnable by a tiny model."""
     from core.sequences import Windows
 
     rng = np.random.default_rng(seed)
-    width, n_fields = 16, len(FIELDS)
+    width, n_fields = 16, len(_PLANTED_FIELDS)
     fields = rng.integers(FIRST_REAL, FIRST_REAL + 5, size=(n, width, n_fields))
     labels = (rng.random(n) < 0.25).astype(np.float64)
     fields[labels == 1, rng.integers(0, width), F["event_type"]] = 10
@@ -635,7 +642,7 @@ def test_finetuning_learns_a_planted_signal_and_keeps_its_best_validation_epoch(
     from core.train import _sequence_loss, finetune
 
     torch.manual_seed(0)
-    vocab = dict.fromkeys(FIELDS, 12)
+    vocab = dict.fromkeys(_PLANTED_FIELDS, 12)
     model = BehaviorModel(BehaviorConfig.from_size("tiny", vocab, max_len=32))
     train, y_train = _planted_windows(160, seed=0)
     val, y_val = _planted_windows(60, seed=1)
@@ -668,7 +675,9 @@ def test_finetuning_without_validation_labels_of_both_kinds_says_it_could_not_st
     from core.train import finetune
 
     torch.manual_seed(0)
-    model = BehaviorModel(BehaviorConfig.from_size("tiny", dict.fromkeys(FIELDS, 12), max_len=32))
+    model = BehaviorModel(
+        BehaviorConfig.from_size("tiny", dict.fromkeys(_PLANTED_FIELDS, 12), max_len=32)
+    )
     train, y_train = _planted_windows(40, seed=0)
     val, _ = _planted_windows(10, seed=1)
     cfg = TrainConfig(size="tiny", batch_size=16, supervised_epochs=2)
