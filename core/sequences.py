@@ -60,7 +60,7 @@ SHARED_ENTITY_FIELDS: dict[str, str] = {
     "device_accounts": "device_id",
     "card_accounts": "payment_id",
 }
-# Column that carries the count of other accounts in a loaded table (see accounts_before).
+# Column that carries the count of other accounts in a loaded table (see add_accounts_before).
 ACCOUNTS_BEFORE_SUFFIX = "__accounts_before"
 # Bucket i holds counts in [edge[i-1], edge[i]): 0, 1, 2-3, 4-7, 8-15, 16+.
 ACCOUNTS_EDGES: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -510,18 +510,19 @@ def add_accounts_before(con: duckdb.DuckDBPyConnection, events: EventsT) -> Even
     column present, ``<column>__accounts_before``: how many other accounts in the whole
     database had used the event's device / card before it. Every account counts, not just the
     ones loaded."""
-    table = events if isinstance(events, pa.Table) else None
-    names = set(events.column_names if isinstance(events, pa.Table) else events.columns)
+    is_table = isinstance(events, pa.Table)
+    names = set(events.column_names if is_table else events.columns)
     if not {"user_id", "ts"} <= names:
         return events
     for column in SHARED_ENTITY_FIELDS.values():
-        if column not in names or column + ACCOUNTS_BEFORE_SUFFIX in names:
+        name = column + ACCOUNTS_BEFORE_SUFFIX
+        if column not in names or name in names:
             continue
-        if table is None:
-            frame = events[["user_id", "ts", column]]  # type: ignore[index]
-            part = pa.Table.from_pandas(frame, preserve_index=False)
-        else:
-            part = table
+        part = (
+            events
+            if is_table
+            else pa.Table.from_pandas(events[["user_id", "ts", column]], preserve_index=False)
+        )
         sel = pa.table(
             {
                 "user_id": part.column("user_id").cast(pa.string()),
@@ -535,12 +536,10 @@ def add_accounts_before(con: duckdb.DuckDBPyConnection, events: EventsT) -> Even
             f" WHERE {column} IN (SELECT entity FROM sel)"
         )
         counts = _count_accounts_before(con, sel, population)
-        name = column + ACCOUNTS_BEFORE_SUFFIX
-        if table is None:
-            events = events.assign(**{name: counts})  # type: ignore[union-attr]
+        if is_table:
+            events = events.append_column(name, pa.array(counts, pa.float64(), from_pandas=True))
         else:
-            table = table.append_column(name, pa.array(counts, pa.float64(), from_pandas=True))
-            events = table  # type: ignore[assignment]
+            events = events.assign(**{name: counts})
     return events
 
 
