@@ -389,7 +389,7 @@ def behaviour_table(found: evidence.Explanation) -> None:
             show_session(user, group.key)
 
     st.dataframe(
-        table,
+        blank_missing(table, {"score_without": "{:.2f}"}),
         hide_index=True,
         key=key,
         on_select=on_pick,
@@ -402,9 +402,8 @@ def behaviour_table(found: evidence.Explanation) -> None:
             ),
             "first_ts": st.column_config.DatetimeColumn("from", format="YYYY-MM-DD HH:mm"),
             "last_ts": st.column_config.DatetimeColumn("to", format="YYYY-MM-DD HH:mm"),
-            "score_without": st.column_config.NumberColumn(
+            "score_without": st.column_config.TextColumn(
                 "score without",
-                format="%.2f",
                 help="The explained window's score once every event of the group is removed"
                 " (empty: the group is every explained event)",
             ),

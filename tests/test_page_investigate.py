@@ -248,10 +248,11 @@ def test_the_behaviour_that_carries_a_burst_is_tabled(open_page, demo_env) -> No
     from core.behaviour import behaviour_groups
     from core.explain import explain_events
     from core.scoring import load_model
+    from core.sequences import add_accounts_before
 
     (user,) = burst_users(demo_env.db_path, demo_env.model_id)
     with store.open_db(demo_env.db_path, read_only=True) as con:
-        events = store.user_events(con, user)
+        events = add_accounts_before(con, store.user_events(con, user))
     loaded = load_model(demo_env.models_dir / demo_env.model_id, device="cpu")
     groups = behaviour_groups(loaded, events, explain_events(loaded, events))
     expected = sorted(groups, key=lambda g: -g.share)  # largest share first
@@ -261,6 +262,10 @@ def test_the_behaviour_that_carries_a_burst_is_tabled(open_page, demo_env) -> No
     assert list(table["kind"]) == [g.kind for g in expected]
     assert list(table["key"]) == [g.key for g in expected]
     assert table["share"].tolist() == pytest.approx([g.share for g in expected], rel=1e-6)
+    # a group of every explained event is not rescored: its cell is blank, not "None"
+    assert table["score_without"].tolist() == [
+        "" if pd.isna(g.score_without) else f"{g.score_without:.2f}" for g in expected
+    ]
 
 
 def test_a_range_is_explained_with_the_history_before_it(open_page, demo_env) -> None:
