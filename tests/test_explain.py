@@ -455,6 +455,28 @@ def test_a_flag_that_carried_the_score_while_off_is_labelled_seen_before(
     assert set(flags.tolist()) <= {FLAG_SEEN, FLAG_NEW}
 
 
+def test_a_device_count_is_labelled_by_what_it_says(
+    loaded: LoadedModel, ranged_user: tuple[str, pd.DataFrame, pd.Timestamp]
+) -> None:
+    from core.explain import FIELD_LABELS, SEEN_LABELS
+    from core.sequences import FIELDS, FLAG_SEEN
+
+    _, history, _ = ranged_user
+    history = history.assign(device_id__accounts_before=np.arange(len(history)) % 3)
+    att = explain_events(loaded, history, ExplainSettings(n_steps=8))
+    column = FIELDS.index("device_accounts")
+    att.per_field[:] = 0.0
+    att.per_field[:, column] = 1.0
+    top = att.top_events(att.n_events)
+    values = att.fields[att.order, column]
+    expected = [
+        SEEN_LABELS["device_accounts"] if v == FLAG_SEEN else FIELD_LABELS["device_accounts"]
+        for v in values
+    ]
+    assert top["top_field"].tolist() == expected
+    assert {FLAG_SEEN, FLAG_SEEN + 1, FLAG_SEEN + 2} <= set(values.tolist())
+
+
 def test_a_range_in_a_long_history_explains_its_best_window_that_reaches_the_range(
     demo_env: DemoEnv, loaded: LoadedModel
 ) -> None:

@@ -187,6 +187,9 @@ def shared_device_frame() -> pd.DataFrame:
         ("a", 20, "dX", "c1"),  # a's own earlier use does not count
         ("e", 30, None, "c1"),
         ("f", 40, "dY", None),
+        ("c", 50, "dX", None),  # a, b, d before: 3, the same bucket (2-3) as at c's first use
+        ("c", 55, "dY", None),  # another device: its own count (f)
+        ("c", 60, "dX", None),  # back to dX: still a, b, d
     ]
     return pd.DataFrame(
         {
@@ -206,6 +209,7 @@ def test_shared_entity_fields_count_other_accounts_seen_before_each_event() -> N
     con.execute("CREATE TABLE events AS SELECT * FROM frame")
     loaded = load_events(con).to_pandas().set_index("event_id").sort_index()
     assert loaded["device_id__accounts_before"].tolist()[:5] == [0, 0, 2, 3, 3]
+    assert loaded["device_id__accounts_before"].tolist()[7:] == [3, 1, 3]
     assert np.isnan(loaded.loc[5, "device_id__accounts_before"])
     assert loaded.loc[6, "device_id__accounts_before"] == 0
     card = loaded["payment_id__accounts_before"]
@@ -224,6 +228,9 @@ def test_shared_entity_fields_count_other_accounts_seen_before_each_event() -> N
         FLAG_SEEN + 2,
         ABSENT,
         FLAG_SEEN,
+        FLAG_SEEN + 2,  # every event says how many others used the device before it
+        FLAG_SEEN + 1,
+        FLAG_SEEN + 2,
     ]
     assert featurizer.token_label("device_accounts", FLAG_SEEN + 2) == "2–3 other accounts before"
     assert featurizer.token_label("card_accounts", FLAG_SEEN + 1) == "1 other account before"
