@@ -531,9 +531,10 @@ def add_accounts_before(con: duckdb.DuckDBPyConnection, events: EventsT) -> Even
             }
         )
         # Identifiers from SHARED_ENTITY_FIELDS (a fixed list); only entities loaded are read.
+        # Cast: a table built outside the ingest may hold numeric ids.
         population = (
-            f"SELECT user_id, ts, {column} AS entity FROM events"  # noqa: S608
-            f" WHERE {column} IN (SELECT entity FROM sel)"
+            f"SELECT CAST(user_id AS VARCHAR) AS user_id, ts, CAST({column} AS VARCHAR) AS entity"  # noqa: S608
+            f" FROM events WHERE CAST({column} AS VARCHAR) IN (SELECT entity FROM sel)"
         )
         counts = _count_accounts_before(con, sel, population)
         if is_table:

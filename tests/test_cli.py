@@ -388,12 +388,13 @@ def test_prepare_retrains_a_model_this_code_cannot_read(
     from core import cli
 
     trained: list[Path] = []
+    scored: list[Path] = []
     monkeypatch.setattr(cli, "train", lambda db: trained.append(db))
-    monkeypatch.setattr(cli, "score", lambda db: None)
+    monkeypatch.setattr(cli, "score", lambda db: scored.append(db))
     db = demo_db_copy.db_path
     result = CliRunner().invoke(app, ["prepare", "--db", str(db)])
     assert result.exit_code == 0, result.output
-    assert trained == [] and "retraining" not in result.output
+    assert trained == [] and scored == [] and "retraining" not in result.output
 
     old = tmp_path / "old_model"
     shutil.copytree(demo_db_copy.models_dir / demo_db_copy.model_id, old)
@@ -408,4 +409,4 @@ def test_prepare_retrains_a_model_this_code_cannot_read(
     result = CliRunner().invoke(app, ["prepare", "--db", str(db)])
     assert result.exit_code == 0, result.output
     assert "older fraudlens" in result.output and "retraining" in result.output
-    assert trained == [db]
+    assert trained == [db] and scored == [db]  # the new model's scores too

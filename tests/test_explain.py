@@ -20,7 +20,7 @@ from core.explain import (
     window_target_scores,
 )
 from core.scoring import LoadedModel, combine_scores, load_model, score_users
-from core.sequences import ABSENT, PAD, load_events
+from core.sequences import ABSENT, PAD, add_accounts_before, load_events
 from tests.conftest import DemoEnv
 
 
@@ -43,7 +43,7 @@ def _events(env: DemoEnv, user_id: str) -> pd.DataFrame:
     """Every column, as the Investigate page passes them (the account-level model reads more
     than the sequence fields)."""
     with store.open_db(env.db_path, read_only=True) as con:
-        return store.user_events(con, user_id)
+        return add_accounts_before(con, store.user_events(con, user_id))
 
 
 @pytest.mark.parametrize("target", ["supervised", "unsupervised"])
@@ -287,7 +287,7 @@ def test_displayed_score_matches_batch_scoring(demo_env: DemoEnv, loaded: Loaded
             "AND s.window_start IS NULL ORDER BY s.user_id LIMIT 1",
             [int(loaded.model.config.max_len), loaded.model_id],
         ).fetchone()  # type: ignore[misc]
-        events = store.user_events(con, user)
+        events = add_accounts_before(con, store.user_events(con, user))
     assert loaded.aggregate is not None
     # the account-level model summarises the frame with the store's own SQL: same probability
     assert loaded.aggregate.predict_event_sets([events])[0] == pytest.approx(agg, rel=1e-9)
@@ -375,7 +375,7 @@ def ranged_user(demo_env: DemoEnv, loaded: LoadedModel) -> tuple[str, pd.DataFra
             [int(loaded.model.config.max_len)],
         ).fetchall()
         for (user,) in users:
-            history = store.user_events(con, user)
+            history = add_accounts_before(con, store.user_events(con, user))
             start = history["ts"].iloc[int(len(history) * 0.6)]
             before = history[history["ts"] < start]
             first = history[history["ts"] >= start].iloc[0]

@@ -276,6 +276,21 @@ def test_windows_overlap_cover_every_event_and_map_back() -> None:
     assert win.primary[second].tolist() == [False] * 4 + [True] * 4
 
 
+def test_numeric_entity_ids_are_counted_like_text_ones() -> None:
+    frame = shared_device_frame()
+    numeric = frame.assign(device_id=frame["device_id"].map({"dX": 7, "dY": 8}).astype("Int64"))
+    con_text, con_numeric = duckdb.connect(), duckdb.connect()
+    con_text.execute("CREATE TABLE events AS SELECT * FROM frame")
+    con_numeric.register("numeric_ids", numeric)
+    con_numeric.execute("CREATE TABLE events AS SELECT * FROM numeric_ids")
+    assert con_numeric.execute("SELECT typeof(device_id) FROM events LIMIT 1").fetchone() == (
+        "BIGINT",
+    )
+    text = load_events(con_text, users=["c", "d"]).column("device_id__accounts_before")
+    number = load_events(con_numeric, users=["c", "d"]).column("device_id__accounts_before")
+    assert number.to_pylist() == text.to_pylist() == [2, 3, 1, 3, 3]
+
+
 def test_length_bucketed_batches_cover_all_windows_trimmed() -> None:
     frame = pd.concat(
         [log_key_frame(n_users=1, per_user=n, seed=n).assign(user_id=f"u{n}") for n in range(1, 12)]
