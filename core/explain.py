@@ -46,7 +46,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -569,17 +569,22 @@ def _refine_by_deletion(
     """(ranking, path). The ranking: window positions, most important first, the first
     ``counterfactual_k`` picked one at a time by a deletion search among the
     ``deletion_pool`` most attributed events, the rest by attribution (empty when there is
-    nothing to search). The path: the target on its own scale after each pick is removed.
-    Only the range's events (``in_range``, per encoded row) are ranked or removed.
+    nothing to search). The path: the target on its own scale (fraud probability / raw
+    typicality) after each pick is removed. Only the range's events (``in_range``, per encoded
+    row) are ranked or removed.
 
     Why: integrated gradients credit each event alone, but the analyst is told what removing
     the top events does to the score, and evidence overlaps (two events that say the same
     thing share their credit, while one removal leaves the other). Each step tries removing
     every remaining pool event beside the ones already picked (one batched no-grad pass) and
-    takes the most attributed event whose removal comes within ``deletion_tolerance`` of the
-    score (relative) of the largest drop: attribution order is kept unless it costs a clearly
-    smaller drop. Written here because Captum has no deletion search (its FeatureAblation
-    removes one event at a time; picking a set needs the rescoring loop).
+    takes the most attributed event whose removal lowers the target by at least
+    (1 - ``deletion_tolerance``) of the step's largest drop: attribution order is kept unless
+    it costs a clearly smaller drop. The supervised search compares logits, the scale the
+    attributions explain: a fraud probability near 1 barely moves for any one removal, so
+    compared as probabilities every candidate looked alike and the search fell back to
+    attribution order (on the demo: median top-5 drop of the probability 0.16 searched on
+    the probability, 0.28 on the logit). Written here because Captum has no deletion search
+    (its FeatureAblation removes one event at a time; picking a set needs the rescoring loop).
     """
     if not settings.deletion_tolerance >= 0:  # also refuses NaN
         raise ValueError(f"deletion_tolerance must be >= 0, got {settings.deletion_tolerance}")
@@ -594,26 +599,33 @@ def _refine_by_deletion(
     picked: list[int] = []
     path: list[float] = []
     keep = np.ones(n, dtype=bool)
-    before: float | None = None
+    current: float | None = None  # the search scale with the picks so far removed
     for _ in range(k):
         candidates = [p for p in pool if p not in picked]
         if not candidates:
             break
-        subsets = [rows] if before is None else []
+        subsets = [rows] if current is None else []
         for c in candidates:
             keep[c] = False
             subsets.append(rows[keep])
             keep[c] = True
-        _, sup, raw = _subset_scores(loaded, encoded, subsets, scored=in_range)
-        own = np.asarray(sup if target == "supervised" else raw, dtype=float)
-        if before is None:
-            before, own = float(own[0]), own[1:]
-        if not np.isfinite(own).all() or not math.isfinite(before):
+        scores = _subset_scores(loaded, encoded, subsets, scored=in_range)
+        shown_scale = scores.probability if target == "supervised" else scores.raw
+        search = np.asarray(scores.logit if target == "supervised" else scores.raw, dtype=float)
+        shown_scale = np.asarray(shown_scale, dtype=float)
+        if current is None:
+            current, search, shown_scale = float(search[0]), search[1:], shown_scale[1:]
+        if not np.isfinite(search).all() or not math.isfinite(current):
             break  # a score that is not a number orders nothing: keep the attribution order
-        near_best = np.flatnonzero(own <= own.min() + settings.deletion_tolerance * abs(before))
-        choice = candidates[int(near_best[0])]
+        drops = current - search
+        best = float(drops.max())
+        # candidates are in attribution order: the first good enough is the most attributed
+        good = drops >= (1.0 - settings.deletion_tolerance) * best if best > 0 else drops == best
+        i = int(np.flatnonzero(good)[0])
+        choice = candidates[i]
         picked.append(choice)
-        path.append(float(own[near_best[0]]))
+        path.append(float(shown_scale[i]))
+        current = float(search[i])
         keep[choice] = False
     chosen = set(picked)
     rest = [int(p) for p in by_attribution if p not in chosen]
@@ -656,6 +668,13 @@ def _aggregate_probabilities(
     return loaded.aggregate.predict_event_sets(subsets)
 
 
+class _SubsetScores(NamedTuple):
+    shown: np.ndarray  # the combined score the analyst sees, 0..1
+    probability: np.ndarray  # the supervised fraud probability; NaN without a head
+    raw: np.ndarray  # raw typicality (the unsupervised target)
+    logit: np.ndarray  # the sequence head's logit (the supervised target's own scale)
+
+
 def _subset_scores(
     loaded: LoadedModel,
     encoded: EncodedEvents,
@@ -664,8 +683,9 @@ def _subset_scores(
     weight: float | None = None,
     events: pd.DataFrame | pa.Table | None = None,
     scored: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(displayed score, supervised probability or NaN, raw typicality) per subset.
+) -> _SubsetScores:
+    """Displayed score, supervised probability (NaN without a head), raw typicality and the
+    sequence logit, per subset.
 
     ``scored`` (bool per encoded row, default all): the events the typicality and the
     account-level model read; the others are the head's and the next events' context only."""
@@ -706,7 +726,8 @@ def _subset_scores(
     w = DEFAULT_UNSUPERVISED_WEIGHT if weight is None else weight
     aggregate = _aggregate_probabilities(loaded, encoded, row_sets, events, scored)
     shown = combine_scores(pct, sup, w, aggregate=aggregate)
-    return shown, np.full(len(row_sets), np.nan) if sup is None else sup, raw
+    probability = np.full(len(row_sets), np.nan) if sup is None else sup
+    return _SubsetScores(shown, probability, raw, logit.astype(np.float64))
 
 
 def _encoded_with_range(
@@ -755,7 +776,7 @@ def window_scores(
             raise ValueError(f"window positions run from 0 to {rows.size - 1}")
         subsets.append(rows[positions])
     with loaded.lock:
-        shown, sup, raw = _subset_scores(
+        shown, sup, raw, _ = _subset_scores(
             loaded,
             encoded,
             subsets,
@@ -816,7 +837,7 @@ def counterfactual(
         step *= 2
     subsets += [without_top(m) for m in ladder_k]
     with loaded.lock:
-        scores, sup, raw = _subset_scores(
+        scores, sup, raw, _ = _subset_scores(
             loaded, encoded, subsets, weight=weight, events=events, scored=scored
         )
     own = sup if attribution.target == "supervised" else raw
