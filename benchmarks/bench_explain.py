@@ -93,6 +93,11 @@ class UserResult:
     # what the search adds, side by side.
     hit_rate_attribution_only: float | None = None
     target_drop_top_attribution_only: float | None = None
+    # The same deletion search over every event of the window (no attribution pool, no
+    # tolerance): the largest top-5 drop a greedy search finds, a ceiling any ranking of five
+    # events meets on this model (greedy, so an estimate, not a proof), and its hit-rate.
+    target_drop_top_search_all: float | None = None
+    hit_rate_search_all: float | None = None
     # The kind of behaviour the summary names (core.narrate.behaviour_sentence: over half the
     # attribution, the lowest score without it); None when none qualifies.
     group_drop: float | None = None  # relative drop of the displayed score without it
@@ -265,6 +270,7 @@ def explain_sample(
             hit = len(top & in_window) / min(HIT_K, len(in_window))
         at_m = deletion_at_injected_count(loaded, events, att, in_window)
         at_m.update(attribution_only(loaded, events, att, in_window))
+        at_m.update(search_over_every_event(loaded, events, att, in_window))
         at_m.update(named_group(explanation, events, truth, threshold))
         out.users.append(
             UserResult(
@@ -335,6 +341,43 @@ def attribution_only(
             [np.arange(n), np.sort(order[k:])],
         )
         out["target_drop_top_attribution_only"] = relative_drop(float(before), float(without))
+    return out
+
+
+def search_over_every_event(
+    loaded: object, events: object, att: object, injected: set[int]
+) -> dict[str, object]:
+    """The top-5 target drop (and hit-rate) of core.explain's deletion search when every event
+    of the window is a candidate and the largest drop always wins: how far five events can move
+    this model's score at all, whatever ranks them."""
+    from dataclasses import replace
+
+    from core.explain import _encoded_with_range, _refine_by_deletion, window_target_scores
+
+    settings = replace(
+        att.settings,  # type: ignore[attr-defined]
+        deletion_pool=int(att.event_ids.size),  # type: ignore[attr-defined]
+        deletion_tolerance=0.0,
+    )
+    encoded, in_range = _encoded_with_range(loaded, events, att)  # type: ignore[arg-type]
+    with loaded.lock:  # type: ignore[attr-defined]
+        ranking, path = _refine_by_deletion(
+            loaded,  # type: ignore[arg-type]
+            encoded,
+            att.window_rows,  # type: ignore[attr-defined]
+            att.target,  # type: ignore[attr-defined]
+            att.per_event,  # type: ignore[attr-defined]
+            settings,
+            in_range,
+        )
+    if path.size < HIT_K:
+        return {}
+    n = int(att.event_ids.size)  # type: ignore[attr-defined]
+    before = float(window_target_scores(loaded, events, att, [np.arange(n)])[0])  # type: ignore[arg-type]
+    out: dict[str, object] = {"target_drop_top_search_all": relative_drop(before, float(path[-1]))}
+    if injected:
+        top = set(att.event_ids[ranking[:HIT_K]].tolist())  # type: ignore[attr-defined]
+        out["hit_rate_search_all"] = len(top & injected) / min(HIT_K, len(injected))
     return out
 
 
@@ -418,6 +461,14 @@ def quality_rows(results: TargetResults, device: str) -> list[dict[str, object]]
                 if hits
                 else "n/a",
                 "target_drop_top5_attribution_only_median": med("target_drop_top_attribution_only"),
+                "target_drop_top5_search_all_median": med("target_drop_top_search_all"),
+                "hit_rate_at_5_search_all": round(float(np.mean(searched)), 3)
+                if (
+                    searched := [
+                        r.hit_rate_search_all for r in members if r.hit_rate_search_all is not None
+                    ]
+                )
+                else "n/a",
                 "injected_in_window_median": med("injected_in_window"),
                 "target_drop_all_injected_median": med("target_drop_injected"),
                 "target_drop_top_m_median": med("target_drop_top_m"),
@@ -637,7 +688,10 @@ def run(args: argparse.Namespace) -> Path:
         "inside the window (median in injected_in_window_median): all m injected events removed "
         "(the ground truth's share; not a bound), the top-m ranked, m random (5 draws); "
         "*_attribution_only: hit-rate and top-5 target drop for the attributions' own order, "
-        "without the deletion search",
+        "without the deletion search; *_search_all: the same deletion search (on the logit when "
+        "supervised) with every window event a candidate and the largest drop always taken, "
+        "whatever the attributions say: about the most five events can move this model's "
+        "target (greedy, so an estimate of that ceiling, not a proof)",
         "ladder_definition": "above_threshold = users whose explained window's displayed score "
         "is at or above the alert threshold; among them, under_threshold_without_top5_share = "
         "the share that removing the 5 top-ranked events takes under it, and "
@@ -662,7 +716,9 @@ def run(args: argparse.Namespace) -> Path:
             f"{first.get('target_drop_top5_median')} vs random-5 "
             f"{first.get('target_drop_random5_median')}, on the combined score "
             f"{first.get('drop_top5_median')} vs {first.get('drop_random5_median')} "
-            f"(need >= 0.5 and well above); ungrounded shown unflagged "
+            f"(need >= 0.5 and well above; a greedy search over every event, ignoring the "
+            f"attributions, reaches {first.get('target_drop_top5_search_all_median')} on the "
+            f"target); ungrounded shown unflagged "
             f"{template.get('ungrounded_shown_unflagged')} (need 0); {SHAPE_STEPS} steps x "
             f"{SHAPE_EVENTS} events {shape.get('s_median')} s (need <= 1 s on 2 CPU cores)"
         ),

@@ -231,7 +231,12 @@ class Attribution:
             "baseline": "neutral event (every field absent)",
             "integration": settings.pop("method"),
             **settings,
-            "ranking": "deletion search over the most attributed events, then attribution"
+            "ranking": (
+                "deletion search over the most attributed events (compared on the fraud "
+                "logit), then attribution"
+                if self.target == "supervised"
+                else "deletion search over the most attributed events, then attribution"
+            )
             if self.ranking.size
             else "attribution",
             "target": self.target,
