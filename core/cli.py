@@ -973,6 +973,8 @@ def _print_explanation(explanation: Explanation, summary: Summary, threshold_sou
         value = float(row.target_without)
         cell = (f" {value:>9.3f}" if value == value else f" {'':>9}") if path else ""
         typer.echo(f"  {i:>2}  {ts:<19}  {etype:<16} {row.share:>6.1%}{cell}  {row.top_field}")
+    if att.picked_without_credit:
+        typer.echo(f"  ({att.uncredited_picks_sentence()})")
 
     typer.echo("")
     typer.echo("attribution per field:")

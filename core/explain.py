@@ -171,6 +171,30 @@ class Attribution:
         return positions[np.argsort(-self.per_event[positions], kind="stable")]
 
     @property
+    def picked_without_credit(self) -> int:
+        """How many of the deletion search's picks integrated gradients credit nothing (an
+        attribution of 0 or less): their removal lowers the score only together with the
+        events beside them, so the analyst reads a 0% share next to a drop."""
+        picks = self.ranking[: self.deletion_path.size]
+        return int((self.per_event[picks] <= 0).sum())
+
+    def uncredited_picks_sentence(self) -> str:
+        """The line that explains a 0% share among the picks ("" when there is none)."""
+        n = self.picked_without_credit
+        if n == 0:
+            return ""
+        if n == 1:
+            return (
+                "One of the events the deletion search picked carries no attribution alone "
+                "(0% share): removing it lowers the score only together with the events around it."
+            )
+        return (
+            f"{n} of the events the deletion search picked carry no attribution alone "
+            "(0% share): removing them lowers the score only together with the events around "
+            "them."
+        )
+
+    @property
     def own_scale_value(self) -> float:
         """The target at the input on the deletion check's scale: the fraud probability for
         the supervised target (its logit is what is attributed), raw typicality otherwise."""

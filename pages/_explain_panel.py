@@ -242,6 +242,7 @@ def render(
                 if att.deletion_path.size
                 else ""
             )
+            + (f" {att.uncredited_picks_sentence()}" if att.picked_without_credit else "")
         )
         colour = st.toggle("Colour the timeline by attribution", key=f"inv_attr_tl_{user}")
         if colour:

@@ -531,3 +531,37 @@ def test_a_range_in_a_long_history_explains_its_best_window_that_reaches_the_ran
     rows = [np.arange(s, s + max_len) for s in reaching]
     probability = _subset_scores(loaded, encoded, rows).probability
     assert att.window_rows[0] == reaching[int(np.argmax(probability))]
+
+
+def test_picks_the_attributions_credit_nothing_are_counted_and_said() -> None:
+    """A deletion pick whose attribution is 0 or less shows a 0% share beside a drop: the
+    explanation counts such picks (only among the picks) and says why."""
+    from core.explain import Attribution
+
+    per_event = np.array([0.5, -0.2, 0.0, 0.3, -0.1, 0.4])
+    att = Attribution(
+        user_id="u1",
+        model_id="m",
+        target="supervised",
+        event_ids=np.arange(6, dtype=np.int64),
+        ts=np.array(["2026-10-01T00:00:00"] * 6, dtype="datetime64[us]")
+        + np.arange(6).astype("timedelta64[s]"),
+        per_field=np.stack([per_event, np.zeros(6)], axis=1),
+        field_names=["event_type", "gap"],
+        target_value=2.0,
+        baseline_value=0.0,
+        delta=0.0,
+        n_events_total=6,
+        # picks: 1 (-0.2) and 0 (0.5) and 2 (0.0); then by attribution; event 4 (-0.1) is
+        # not a pick and must not count
+        ranking=np.array([1, 0, 2, 5, 3, 4]),
+        deletion_path=np.array([0.8, 0.6, 0.5]),
+    )
+    assert att.picked_without_credit == 2
+    assert att.uncredited_picks_sentence().startswith("2 of the events")
+    assert att.top_events(3)["share"].tolist() == pytest.approx([0.0, 0.5 / 1.2, 0.0])
+    one = Attribution(**{**att.__dict__, "deletion_path": np.array([0.8, 0.6])})
+    assert one.picked_without_credit == 1
+    assert one.uncredited_picks_sentence().startswith("One of the events")
+    none = Attribution(**{**att.__dict__, "ranking": np.array([0, 5, 3, 1, 2, 4])})
+    assert none.picked_without_credit == 0 and none.uncredited_picks_sentence() == ""
