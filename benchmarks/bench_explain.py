@@ -94,8 +94,8 @@ class UserResult:
     hit_rate_attribution_only: float | None = None
     target_drop_top_attribution_only: float | None = None
     # The same deletion search over every event of the window (no attribution pool, no
-    # tolerance): the largest top-5 drop a greedy search finds, a ceiling any ranking of five
-    # events meets on this model (greedy, so an estimate, not a proof), and its hit-rate.
+    # tolerance): the largest top-5 drop a greedy search finds, an estimate of how far any five
+    # events can move this model (greedy: a ranking can beat it by a little), and its hit-rate.
     target_drop_top_search_all: float | None = None
     hit_rate_search_all: float | None = None
     # The kind of behaviour the summary names (core.narrate.behaviour_sentence: over half the
@@ -374,7 +374,9 @@ def search_over_every_event(
         return {}
     n = int(att.event_ids.size)  # type: ignore[attr-defined]
     before = float(window_target_scores(loaded, events, att, [np.arange(n)])[0])  # type: ignore[arg-type]
-    out: dict[str, object] = {"target_drop_top_search_all": relative_drop(before, float(path[-1]))}
+    out: dict[str, object] = {
+        "target_drop_top_search_all": relative_drop(before, float(path[HIT_K - 1]))
+    }
     if injected:
         top = set(att.event_ids[ranking[:HIT_K]].tolist())  # type: ignore[attr-defined]
         out["hit_rate_search_all"] = len(top & injected) / min(HIT_K, len(injected))

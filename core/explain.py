@@ -611,11 +611,12 @@ def _refine_by_deletion(
     scale's units) of that largest drop: attribution order is kept unless it costs a clearly
     smaller drop, and where every removal moves the score by a hair beside what the
     attributions credit (evidence repeated dozens of times) the attributions decide rather
-    than noise. The supervised search compares logits, the scale the attributions explain: a
-    fraud probability near 1 barely moves for any one removal, so compared as probabilities
-    every candidate looked alike and the search fell back to attribution order (on the demo:
-    median top-5 drop of the probability 0.16 searched on the probability, 0.30 on the
-    logit). Written here because Captum has no deletion search
+    than noise; a removal that raises the score is never taken while another lowers it.
+    The supervised search compares logits, the scale the attributions explain: a fraud
+    probability near 1 barely moves for any one removal, so compared as probabilities every
+    candidate looked alike and the search fell back to attribution order (on the demo:
+    median top-5 drop of the probability 0.18 searched on the probability, 0.33 on the
+    logit; `benchmarks/bench_explain.py`). Written here because Captum has no deletion search
     (its FeatureAblation removes one event at a time; picking a set needs the rescoring loop).
     """
     if not settings.deletion_tolerance >= 0:  # also refuses NaN
@@ -656,8 +657,10 @@ def _refine_by_deletion(
         # candidate, the evidence is redundant and removal cannot tell candidates apart.
         credit = float(per_event[candidates].max())
         slack = settings.deletion_tolerance * max(best, credit, 0.0)
+        # never a removal that raises the score while another lowers it
+        bar = max(best - slack, 0.0) if best > 0 else best - slack
         # candidates are in attribution order: the first good enough is the most attributed
-        i = int(np.flatnonzero(drops >= best - slack)[0])
+        i = int(np.flatnonzero(drops >= bar)[0])
         choice = candidates[i]
         picked.append(choice)
         path.append(float(shown_scale[i]))
@@ -708,7 +711,7 @@ class _SubsetScores(NamedTuple):
     shown: np.ndarray  # the combined score the analyst sees, 0..1
     probability: np.ndarray  # the supervised fraud probability; NaN without a head
     raw: np.ndarray  # raw typicality (the unsupervised target)
-    logit: np.ndarray  # the sequence head's logit (the supervised target's own scale)
+    logit: np.ndarray  # the sequence head's logit (the supervised target); untrained without a head
 
 
 def _subset_scores(

@@ -209,6 +209,7 @@ def test_deletion_check_removes_more_score_than_random_events(
     demo_env: DemoEnv, loaded: LoadedModel, fraud_users: list[str]
 ) -> None:
     drops_top, drops_random = [], []
+    shown_top, shown_random = [], []
     for user in fraud_users[:8]:
         events = _events(demo_env, user)
         att = explain_events(loaded, events, ExplainSettings(n_steps=16))
@@ -221,16 +222,19 @@ def test_deletion_check_removes_more_score_than_random_events(
         )
         drops_top.append(cf.target_before - cf.target_without_top)
         drops_random.append(cf.target_before - cf.target_without_random)
+        shown_top.append(cf.drop_top)
+        shown_random.append(cf.drop_random)
         assert "ithout these 5 events the score" in cf.sentence()
         # the fraud probability joins the line exactly when it is what was explained
         assert ("fraud probability" in cf.sentence()) == (att.target == "supervised")
         assert cf.target == att.target
         if att.n_events < att.n_events_total:
             assert cf.sentence().startswith(f"On the explained window of {att.n_events} events")
-    # On the attribution target's own scale: the tiny model's head has barely learned (every
-    # fixture user sits near the same probability), so its combined score moves with the
-    # percentile and the account-level model, which the attributions do not explain.
+    # On the attribution target's own scale, and on the score the sentence reports (the tiny
+    # model's head has barely learned, so that one moves mostly with the percentile and the
+    # account-level model, which the attributions do not explain).
     assert np.mean(drops_top) > np.mean(drops_random)
+    assert np.mean(shown_top) > np.mean(shown_random)
 
 
 def test_deletion_ladder_rescores_ever_more_of_the_top_events(
@@ -365,7 +369,7 @@ def test_deletion_search_picks_what_brute_force_removal_finds(
     assert att.method_settings()["ranking"].startswith("deletion search")
 
     # A tolerance of one half: the first pick is the most attributed event whose drop comes
-    # within half of the larger of the largest drop and the top attribution
+    # within half of the larger of the largest drop and the top attribution, and is a drop
     half = explain_events(
         loaded,
         events,
@@ -378,22 +382,30 @@ def test_deletion_search_picks_what_brute_force_removal_finds(
     )
     assert drops.max() > 0
     slack = 0.5 * max(drops.max(), half.per_event.max())
-    first_good = order[int(np.flatnonzero(drops >= drops.max() - slack)[0])]
+    bar = max(drops.max() - slack, 0.0)  # never one that raises it while another lowers it
+    first_good = order[int(np.flatnonzero(drops >= bar)[0])]
     assert int(half.order[0]) == first_good
 
-    # No pool: the attributions' own order. A tolerance wider than any drop: the search keeps
-    # the attribution order too (every candidate is "near the best").
+    # No pool: the attributions' own order.
     plain = explain_events(
         loaded, events, ExplainSettings(n_steps=8, target=target, deletion_pool=0)
     )  # type: ignore[arg-type]
     assert plain.ranking.size == 0 and plain.method_settings()["ranking"] == "attribution"
     assert plain.order.tolist() == np.argsort(-plain.per_event, kind="stable").tolist()
+    # A tolerance wider than any drop: the most attributed event whose removal lowers the
+    # score (the attribution order, less those that would raise it while others lower it).
     lenient = explain_events(
         loaded,
         events,
         ExplainSettings(n_steps=8, target=target, deletion_tolerance=1e9),  # type: ignore[arg-type]
     )
-    assert lenient.order.tolist() == by_attribution.tolist()
+    ig_order = [int(i) for i in np.argsort(-lenient.per_event, kind="stable")]
+    before = float(_search_scale(loaded, events, lenient, [np.arange(n)])[0])
+    single = before - _search_scale(
+        loaded, events, lenient, [np.setdiff1d(np.arange(n), [c]) for c in ig_order]
+    )
+    assert single.max() > 0
+    assert int(lenient.order[0]) == ig_order[int(np.flatnonzero(single >= 0)[0])]
 
     with pytest.raises(ValueError, match="deletion_tolerance"):
         explain_events(loaded, events, ExplainSettings(n_steps=8, deletion_tolerance=float("nan")))
@@ -566,3 +578,63 @@ def test_picks_the_attributions_credit_nothing_are_counted_and_said() -> None:
     assert one.uncredited_picks_sentence().startswith("One of the events")
     none = Attribution(**{**att.__dict__, "ranking": np.array([0, 5, 3, 1, 2, 4])})
     assert none.picked_without_credit == 0 and none.uncredited_picks_sentence() == ""
+
+
+def _stub_search(
+    monkeypatch: pytest.MonkeyPatch, base_logit: float, drop_by_event: list[float]
+) -> None:
+    """core.explain._subset_scores replaced by a model whose logit loses
+    ``drop_by_event[i]`` when event i is removed; probabilities in float32 as the model's
+    head gives them (1.0 exactly from a logit near 17)."""
+    import core.explain as explain_module
+
+    drops = np.asarray(drop_by_event)
+
+    def fake(_loaded: object, _encoded: object, subsets: list[np.ndarray], **_: object) -> object:
+        logits = np.array(
+            [base_logit - drops[np.setdiff1d(np.arange(drops.size), s)].sum() for s in subsets]
+        )
+        prob = (1.0 / (1.0 + np.exp(-logits.astype(np.float32)))).astype(np.float32)
+        return explain_module._SubsetScores(prob, prob, logits, logits)
+
+    monkeypatch.setattr(explain_module, "_subset_scores", fake)
+
+
+def _search(per_event: list[float], tolerance: float = 0.1, k: int = 1) -> np.ndarray:
+    from core.explain import _refine_by_deletion
+
+    n = len(per_event)
+    settings = ExplainSettings(counterfactual_k=k, deletion_tolerance=tolerance)
+    ranking, _ = _refine_by_deletion(
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        np.arange(n),
+        "supervised",
+        np.asarray(per_event, dtype=float),
+        settings,
+        np.ones(n, dtype=bool),
+    )
+    return ranking
+
+
+def test_deletion_search_rule_on_a_stubbed_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    attribution = [5.0, 4.0, 3.0, 2.0, 1.0, 0.5]
+    # Saturated: every removal leaves the probability at 1.0 in float32; only the logit tells
+    # that event 3 carries the score (a probability search would keep event 0 first).
+    _stub_search(monkeypatch, 30.0, [0.1, 0.1, 0.1, 2.0, 0.1, 0.1])
+    assert _search(attribution)[0] == 3
+    # Every removal moves the logit by a hair beside what IG credits: the attributions decide.
+    _stub_search(monkeypatch, 3.0, [0.001, 0.004, 0.002, 0.003, 0.001, 0.002])
+    assert _search(attribution)[0] == 0
+    # ... but never a removal that raises the score while another lowers it.
+    _stub_search(monkeypatch, 3.0, [-0.001, 0.004, 0.002, 0.003, 0.001, 0.002])
+    assert _search(attribution)[0] == 1
+    # No removal lowers it: the most attributed among those that raise it least (within slack).
+    _stub_search(monkeypatch, 3.0, [-2.0, -0.1, -0.3, -0.05, -0.2, -0.1])
+    assert _search(attribution)[0] == 1
+    # Tolerance 0: the largest drop, whatever the attributions.
+    _stub_search(monkeypatch, 3.0, [0.001, 0.004, 0.002, 0.003, 0.001, 0.002])
+    assert _search(attribution, tolerance=0.0)[0] == 1
+    # Greedy picks in order, then the rest by attribution.
+    _stub_search(monkeypatch, 30.0, [0.1, 0.1, 0.1, 2.0, 0.1, 3.0])
+    assert _search(attribution, k=2).tolist() == [5, 3, 0, 1, 2, 4]
