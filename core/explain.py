@@ -643,9 +643,9 @@ def _refine_by_deletion(
             subsets.append(rows[keep])
             keep[c] = True
         scores = _subset_scores(loaded, encoded, subsets, scored=in_range)
-        shown_scale = scores.probability if target == "supervised" else scores.raw
-        search = np.asarray(scores.logit if target == "supervised" else scores.raw, dtype=float)
-        shown_scale = np.asarray(shown_scale, dtype=float)
+        supervised = target == "supervised"
+        search = np.asarray(scores.logit if supervised else scores.raw, dtype=float)
+        shown_scale = np.asarray(scores.probability if supervised else scores.raw, dtype=float)
         if current is None:
             current, search, shown_scale = float(search[0]), search[1:], shown_scale[1:]
         if not np.isfinite(search).all() or not math.isfinite(current):
@@ -654,8 +654,9 @@ def _refine_by_deletion(
         best = float(drops.max())
         # Attributions are in the search scale's units (IG splits logit - baseline logit, or
         # the typicality, over events): when no removal comes near what IG credits the top
-        # candidate, the evidence is redundant and removal cannot tell candidates apart.
-        credit = float(per_event[candidates].max())
+        # candidate (the first: candidates keep attribution order), the evidence is redundant
+        # and removal cannot tell candidates apart.
+        credit = float(per_event[candidates[0]])
         slack = settings.deletion_tolerance * max(best, credit, 0.0)
         # never a removal that raises the score while another lowers it
         bar = max(best - slack, 0.0) if best > 0 else best - slack
