@@ -66,6 +66,11 @@ class TrainConfig:
     # With labels, also fit the account-level model (core.aggregate_model) whose probability
     # the combined score pools with the head's and the percentile.
     aggregate_model: bool = True
+    # Labels are per account, windows are not: a fraud account's early windows often hold only
+    # its normal life before the fraud. After the first epoch each fraud account contributes
+    # one positive, the window the head scores highest (multiple-instance learning, matching
+    # scoring's max over windows); its other windows are left out, not called legit.
+    witness_windows: bool = True
     device: str | None = None  # None: FRAUDLENS_DEVICE, else auto
     max_train_windows: int | None = None
 
@@ -280,6 +285,30 @@ def _epoch_sample(
     return np.sort(np.concatenate([positives, drawn]))
 
 
+def _window_logits(
+    model: BehaviorModel, windows: Windows, batch_size: int, device: torch.device
+) -> np.ndarray:
+    model.eval()
+    logits = np.empty(len(windows.mask), dtype=np.float64)
+    with torch.no_grad():
+        for fields, mask, idx in _batches(windows, batch_size * 2, shuffle=False, seed=0):
+            with autocast(device):
+                out = model(fields=fields.to(device), attention_mask=mask.to(device))
+            logits[idx] = out.sequence_logit.float().cpu().numpy()
+    return logits
+
+
+def witness_positives(user_index: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Window indices to train on: every negative window, and for each positive account only
+    its highest-scoring window (ties: the earliest)."""
+    positive = np.flatnonzero(labels == 1)
+    # Sort positives by (user, -logit): the first row of each user is its witness.
+    order = positive[np.lexsort((-logits[positive], user_index[positive]))]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = user_index[order][1:] != user_index[order][:-1]
+    return np.sort(np.concatenate([np.flatnonzero(labels != 1), order[first]]))
+
+
 def _sequence_loss(
     model: BehaviorModel,
     windows: Windows,
@@ -287,18 +316,23 @@ def _sequence_loss(
     pos_weight: torch.Tensor,
     batch_size: int,
     device: torch.device,
+    *,
+    witness: bool = False,
 ) -> float:
-    """Class-weighted sequence loss over windows (the validation criterion of fine-tuning)."""
-    model.eval()
-    bce = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="sum")
-    labels_t = torch.from_numpy(labels.astype(np.float32))
-    total = 0.0
-    with torch.no_grad():
-        for fields, mask, idx in _batches(windows, batch_size * 2, shuffle=False, seed=0):
-            with autocast(device):
-                out = model(fields=fields.to(device), attention_mask=mask.to(device))
-            total += float(bce(out.sequence_logit.float(), labels_t[idx].to(device)))
-    return total / max(len(labels), 1)
+    """Class-weighted sequence loss over windows (the validation criterion of fine-tuning);
+    ``witness``: a fraud account counts once, by its highest-scoring window."""
+    logits = _window_logits(model, windows, batch_size, device)
+    keep = (
+        witness_positives(windows.user_index, labels, logits) if witness else np.arange(len(labels))
+    )
+    bce = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight.cpu(), reduction="sum")
+    total = float(
+        bce(
+            torch.from_numpy(logits[keep]).float(),
+            torch.from_numpy(labels[keep].astype(np.float32)),
+        )
+    )
+    return total / max(len(keep), 1)
 
 
 def finetune(
@@ -321,9 +355,12 @@ def finetune(
     """
     positives = float(window_labels.sum())
     epoch_size = len(_epoch_sample(window_labels, cfg.negatives_per_positive, cfg.seed))
-    pos_weight = torch.tensor(
-        min((epoch_size - positives) / max(positives, 1.0), 100.0), device=device
-    )
+    negatives = epoch_size - positives  # legit windows an epoch draws
+    if cfg.witness_windows:
+        # From the second epoch on, a fraud account is one positive among as many legit windows
+        # as before: weigh, and schedule, for that.
+        positives = float(len(np.unique(train.user_index[window_labels == 1])))
+    pos_weight = torch.tensor(min(negatives / max(positives, 1.0), 100.0), device=device)
     validate = (
         val is not None and val_labels is not None and 0 < float(val_labels.sum()) < len(val_labels)
     )
@@ -331,16 +368,32 @@ def finetune(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.supervised_learning_rate, weight_decay=cfg.weight_decay
     )
-    steps = max(math.ceil(epoch_size / cfg.batch_size) * cfg.supervised_epochs, 1)
+    steps = max(
+        math.ceil(epoch_size / cfg.batch_size)
+        + math.ceil((negatives + positives) / cfg.batch_size) * (cfg.supervised_epochs - 1),
+        1,
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_share * steps), steps)
     labels_all = torch.from_numpy(window_labels.astype(np.float32))
-    bce = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     best_loss, best_epoch, bad_epochs = math.inf, 0, 0
     best_weights: dict[str, torch.Tensor] | None = None
     history: list[float] = []
     epochs_run = 0
     for epoch in range(cfg.supervised_epochs):
         sample = _epoch_sample(window_labels, cfg.negatives_per_positive, cfg.seed + 1000 + epoch)
+        if cfg.witness_windows and epoch > 0:
+            positive = np.flatnonzero(window_labels == 1)
+            logits = np.zeros(len(window_labels))
+            logits[positive] = _window_logits(model, _take(train, positive), cfg.batch_size, device)
+            keep = witness_positives(train.user_index, window_labels, logits)
+            sample = sample[np.isin(sample, keep)]
+        # The first epoch takes every fraud window: weigh the classes as that epoch holds them.
+        in_epoch = float(window_labels[sample].sum())
+        bce = torch.nn.BCEWithLogitsLoss(
+            pos_weight=torch.tensor(
+                min((len(sample) - in_epoch) / max(in_epoch, 1.0), 100.0), device=device
+            )
+        )
         epoch_windows = _take(train, sample)
         model.train()
         bar = tqdm(
@@ -369,7 +422,9 @@ def finetune(
         if not validate:
             continue
         assert val is not None and val_labels is not None
-        val_loss = _sequence_loss(model, val, val_labels, pos_weight, cfg.batch_size, device)
+        val_loss = _sequence_loss(
+            model, val, val_labels, pos_weight, cfg.batch_size, device, witness=cfg.witness_windows
+        )
         history.append(round(val_loss, 4))
         if val_loss < best_loss - 1e-4:
             best_loss, best_epoch, bad_epochs = val_loss, epoch + 1, 0
@@ -385,7 +440,7 @@ def finetune(
         "finetune_best_epoch": best_epoch if validate else epochs_run,
         "finetune_val_loss": best_loss if validate else None,
         "finetune_val_history": history,  # type: ignore[dict-item]
-        "positives": int(positives),
+        "positives": int(positives),  # fraud accounts when witness_windows, else windows
         "pos_weight": float(pos_weight),
     }
     if not validate:

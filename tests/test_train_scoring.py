@@ -670,6 +670,70 @@ def test_finetuning_learns_a_planted_signal_and_keeps_its_best_validation_epoch(
     assert roc_auc_score(y_val, logits.numpy()) > 0.9
 
 
+def test_witness_positives_keeps_a_fraud_accounts_top_window_and_every_legit_one() -> None:
+    from core.train import witness_positives
+
+    user_index = np.array([0, 0, 0, 1, 1, 2, 2, 3])
+    labels = np.array([1, 1, 1, 0, 0, 1, 1, 1], dtype=float)
+    logits = np.array([0.1, 2.0, -1.0, 5.0, 6.0, 3.0, 3.0, -4.0])
+    # user 0: window 1; legit user 1: both; user 2: a tie, the earliest; user 3: its only window
+    assert witness_positives(user_index, labels, logits).tolist() == [1, 3, 4, 5, 7]
+
+
+def _two_window_accounts(n_users: int, seed: int) -> tuple[object, np.ndarray, np.ndarray]:
+    """Two windows per account; a fraud account's fraud (event type 10) sits in one of them,
+    its other window is drawn like a legit account's: the account label is right for one."""
+    from core.sequences import Windows
+
+    rng = np.random.default_rng(seed)
+    width, n_fields = 16, len(_PLANTED_FIELDS)
+    n = 2 * n_users
+    fields = rng.integers(FIRST_REAL, FIRST_REAL + 5, size=(n, width, n_fields))
+    fraud_user = rng.random(n_users) < 0.3
+    planted_window = 2 * np.arange(n_users) + rng.integers(0, 2, n_users)
+    planted = np.zeros(n, dtype=bool)
+    planted[planted_window[fraud_user]] = True
+    fields[planted, rng.integers(0, width), F["event_type"]] = 10
+    windows = Windows(
+        fields=fields.astype(np.int32),
+        mask=np.ones((n, width), dtype=bool),
+        event_ids=np.arange(n * width).reshape(n, width),
+        user_index=np.repeat(np.arange(n_users), 2),
+        start=np.tile([0, width // 2], n_users).astype(np.int64),
+        primary=np.ones((n, width), dtype=bool),
+    )
+    return windows, np.repeat(fraud_user, 2).astype(float), planted
+
+
+def test_finetuning_on_account_labels_learns_which_window_holds_the_fraud() -> None:
+    from core.model import BehaviorConfig, BehaviorModel
+    from core.train import finetune
+
+    torch.manual_seed(0)
+    model = BehaviorModel(
+        BehaviorConfig.from_size("tiny", dict.fromkeys(_PLANTED_FIELDS, 12), max_len=32)
+    )
+    train, y_train, _ = _two_window_accounts(200, seed=0)
+    test, y_test, planted_test = _two_window_accounts(40, seed=1)
+    cfg = TrainConfig(
+        size="tiny", batch_size=16, supervised_epochs=20, supervised_learning_rate=3e-3,
+        finetune_nll_weight=0.1,
+    )  # fmt: skip
+    metrics = finetune(model, train, y_train, cfg, device=torch.device("cpu"), progress=False)
+    assert metrics["positives"] == int(y_train.sum()) // 2  # fraud accounts, not windows
+    model.eval()
+    with torch.no_grad():
+        logits = model(fields=torch.from_numpy(test.fields.astype(np.int64))).sequence_logit
+    logits = logits.numpy()
+    # The fraud window outranks every other window, the fraud account's own other one included.
+    # Trained with every window of a fraud account called fraud, 4 of 4 torch seeds stayed
+    # between 0.75 and 0.93 here (1.0 with witnesses).
+    assert roc_auc_score(planted_test, logits) > 0.97
+    fraud_accounts = np.flatnonzero(y_test[::2] == 1)
+    picked = 2 * fraud_accounts + np.argmax(logits.reshape(-1, 2)[fraud_accounts], axis=1)
+    assert planted_test[picked].mean() >= 0.9
+
+
 def test_finetuning_without_validation_labels_of_both_kinds_says_it_could_not_stop_early() -> None:
     from core.model import BehaviorConfig, BehaviorModel
     from core.train import finetune
