@@ -55,9 +55,10 @@ class TrainConfig:
     # 4 bad epochs in a row end fine-tuning (the evaluations in benchmarks/results ran with
     # this stopping point, then written as `> 3`).
     supervised_patience: int = 4
-    # Each epoch sees every fraud window and this many legit windows per fraud window, drawn
-    # afresh: an epoch costs a fraction of a pass over all windows, and over the epochs the
-    # head still sees most legit behaviour. None: every window, every epoch.
+    # Each epoch sees this many legit windows per fraud window, drawn afresh, beside the fraud
+    # windows (with witness_windows, from the second epoch one per fraud account): an epoch
+    # costs a fraction of a pass over all windows, and over the epochs the head still sees most
+    # legit behaviour. None: every window, every epoch.
     negatives_per_positive: float | None = 4.0
     # Weight of the next-event loss while fine-tuning. Full weight slows the head (its gradients
     # dominate the clipped update) but regularises it: at 0.1 the head overfit sooner and scored
@@ -288,12 +289,13 @@ def _epoch_sample(
 def _window_logits(
     model: BehaviorModel, windows: Windows, batch_size: int, device: torch.device
 ) -> np.ndarray:
+    # Full precision, not autocast: bf16 resolves a logit near 5 to ~0.03, and overlapping
+    # windows of one account would tie for witness, the earliest (least likely fraud) winning.
     model.eval()
     logits = np.empty(len(windows.mask), dtype=np.float64)
     with torch.no_grad():
         for fields, mask, idx in _batches(windows, batch_size * 2, shuffle=False, seed=0):
-            with autocast(device):
-                out = model(fields=fields.to(device), attention_mask=mask.to(device))
+            out = model(fields=fields.to(device), attention_mask=mask.to(device))
             logits[idx] = out.sequence_logit.float().cpu().numpy()
     return logits
 
@@ -348,10 +350,12 @@ def finetune(
 ) -> dict[str, float | int | str | None]:
     """Train the sequence head (and the backbone) on labels, keeping the next-event loss.
 
-    Fraud is rare: each epoch takes every fraud window and a fresh draw of legit ones
-    (``negatives_per_positive``), and the loss up-weights fraud by the remaining imbalance.
-    With validation windows of both classes, training stops once their loss has not improved
-    for ``supervised_patience`` epochs and the best epoch's weights are kept.
+    Fraud is rare: each epoch takes the fraud windows and a fresh draw of legit ones
+    (``negatives_per_positive`` per fraud window), and the loss up-weights fraud by the epoch's
+    remaining imbalance. With ``witness_windows``, epochs after the first take only each fraud
+    account's highest-scoring window (see ``witness_positives``). With validation windows of
+    both classes, training stops once their loss has not improved for ``supervised_patience``
+    epochs and the best epoch's weights are kept.
     """
     positives = float(window_labels.sum())
     epoch_size = len(_epoch_sample(window_labels, cfg.negatives_per_positive, cfg.seed))
@@ -360,7 +364,8 @@ def finetune(
         # From the second epoch on, a fraud account is one positive among as many legit windows
         # as before: weigh, and schedule, for that.
         positives = float(len(np.unique(train.user_index[window_labels == 1])))
-    pos_weight = torch.tensor(min(negatives / max(positives, 1.0), 100.0), device=device)
+    uncapped_weight = negatives / max(positives, 1.0)
+    pos_weight = torch.tensor(min(uncapped_weight, 100.0), device=device)
     validate = (
         val is not None and val_labels is not None and 0 < float(val_labels.sum()) < len(val_labels)
     )
@@ -385,8 +390,8 @@ def finetune(
             positive = np.flatnonzero(window_labels == 1)
             logits = np.zeros(len(window_labels))
             logits[positive] = _window_logits(model, _take(train, positive), cfg.batch_size, device)
-            keep = witness_positives(train.user_index, window_labels, logits)
-            sample = sample[np.isin(sample, keep)]
+            witnesses = witness_positives(train.user_index, window_labels, logits)
+            sample = sample[(window_labels[sample] != 1) | np.isin(sample, witnesses)]
         # The first epoch takes every fraud window: weigh the classes as that epoch holds them.
         in_epoch = float(window_labels[sample].sum())
         bce = torch.nn.BCEWithLogitsLoss(
@@ -443,6 +448,9 @@ def finetune(
         "positives": int(positives),  # fraud accounts when witness_windows, else windows
         "pos_weight": float(pos_weight),
     }
+    if uncapped_weight > 100.0:
+        # Fraud accounts with dozens of windows each: the classes are no longer balanced.
+        out["pos_weight_capped_from"] = round(uncapped_weight, 1)
     if not validate:
         # Few labels: the validation users may hold no labelled fraud (or no legit), and then
         # nothing tells a good epoch from an overfit one. Say so where the metrics are read.
