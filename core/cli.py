@@ -302,6 +302,15 @@ def train(
             min=1, help="Most fine-tuning epochs on labels (stops early on validation loss)."
         ),
     ] = 20,
+    witness_windows: Annotated[
+        bool,
+        typer.Option(
+            "--witness-windows/--every-fraud-window",
+            help="After the first fine-tuning epoch a fraud account trains on its highest-scoring"
+            " window only (labels belong to accounts); --every-fraud-window calls every window of"
+            " a fraud account fraud.",
+        ),
+    ] = True,
     aggregates: Annotated[
         bool,
         typer.Option(
@@ -336,6 +345,7 @@ def train(
         epochs=epochs,
         supervised=supervised,
         supervised_epochs=supervised_epochs,
+        witness_windows=witness_windows,
         aggregate_model=aggregates,
         device=device,
         max_train_windows=max_windows,
