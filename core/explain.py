@@ -606,10 +606,10 @@ def _refine_by_deletion(
     the top events does to the score, and evidence overlaps (two events that say the same
     thing share their credit, while one removal leaves the other). Each step tries removing
     every remaining pool event beside the ones already picked (one batched no-grad pass) and
-    takes the most attributed event whose drop comes within ``deletion_tolerance`` times the
-    larger of the step's largest drop and the top candidate's attribution (both in the search
-    scale's units) of that largest drop: attribution order is kept unless it costs a clearly
-    smaller drop, and where every removal moves the score by a hair beside what the
+    takes the most attributed event whose drop falls short of the step's largest drop by at
+    most ``deletion_tolerance`` times the larger of that drop and the top candidate's
+    attribution (both in the search scale's units): attribution order is kept unless it costs
+    a clearly smaller drop, and where every removal moves the score by a hair beside what the
     attributions credit (evidence repeated dozens of times) the attributions decide rather
     than noise; a removal that raises the score is never taken while another lowers it.
     The supervised search compares logits, the scale the attributions explain: a fraud
@@ -633,6 +633,7 @@ def _refine_by_deletion(
     path: list[float] = []
     keep = np.ones(n, dtype=bool)
     current: float | None = None  # the search scale with the picks so far removed
+    supervised = target == "supervised"
     for _ in range(k):
         candidates = [p for p in pool if p not in picked]
         if not candidates:
@@ -643,7 +644,6 @@ def _refine_by_deletion(
             subsets.append(rows[keep])
             keep[c] = True
         scores = _subset_scores(loaded, encoded, subsets, scored=in_range)
-        supervised = target == "supervised"
         search = np.asarray(scores.logit if supervised else scores.raw, dtype=float)
         shown_scale = np.asarray(scores.probability if supervised else scores.raw, dtype=float)
         if current is None:

@@ -390,8 +390,9 @@ def finetune(
             positive = np.flatnonzero(window_labels == 1)
             logits = np.zeros(len(window_labels))
             logits[positive] = _window_logits(model, _take(train, positive), cfg.batch_size, device)
-            witnesses = witness_positives(train.user_index, window_labels, logits)
-            sample = sample[(window_labels[sample] != 1) | np.isin(sample, witnesses)]
+            sample = sample[
+                np.isin(sample, witness_positives(train.user_index, window_labels, logits))
+            ]
         # The first epoch takes every fraud window: weigh the classes as that epoch holds them.
         in_epoch = float(window_labels[sample].sum())
         bce = torch.nn.BCEWithLogitsLoss(
