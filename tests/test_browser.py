@@ -206,13 +206,23 @@ def _plot(page, container: str):
 
 def _timeline_points(page) -> int:
     """Events drawn in the Investigate timeline (Plotly keeps its data on the graph div);
-    each point's customdata starts with the event id."""
-    plot = _plot(page, ".st-key-inv_timeline")
-    return int(
-        plot.evaluate(
-            "gd => gd.data.reduce((n, t) => n + (t.customdata ? t.customdata.length : 0), 0)"
-        )
+    each point's customdata starts with the event id. Counted in one evaluation in the page,
+    polled until exactly one drawn graph div is there: a rerun after the idle check (the
+    explanation finishing re-runs the page) can attach a second div between a count and a read
+    (CI saw a strict-mode error there)."""
+    page.wait_for_selector(IDLE, state="attached")
+    handle = page.wait_for_function(
+        """sel => {
+            const divs = document.querySelectorAll(sel);
+            if (divs.length !== 1 || !divs[0].data) return null;
+            // an object, so that zero points is an answer and not "keep waiting"
+            return {points: divs[0].data.reduce(
+                (n, t) => n + (t.customdata ? t.customdata.length : 0), 0)};
+        }""",
+        arg=".st-key-inv_timeline .js-plotly-plot",
+        timeout=60_000,
     )
+    return int(handle.json_value()["points"])
 
 
 def _screenshot(page, name: str) -> None:
