@@ -311,6 +311,14 @@ def train(
             " a fraud account fraud.",
         ),
     ] = True,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate/--raw-head",
+            help="Platt-scale the head's probabilities on the validation users after"
+            " fine-tuning (the trained head overstates fraud); --raw-head keeps them as trained.",
+        ),
+    ] = True,
     aggregates: Annotated[
         bool,
         typer.Option(
@@ -346,6 +354,7 @@ def train(
         supervised=supervised,
         supervised_epochs=supervised_epochs,
         witness_windows=witness_windows,
+        calibrate_head=calibrate,
         aggregate_model=aggregates,
         device=device,
         max_train_windows=max_windows,

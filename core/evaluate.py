@@ -23,6 +23,15 @@ from numpy.typing import ArrayLike
 SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
 NORMAL_TYPOLOGIES = frozenset({"", "normal", "none", "benign", "legit"})
 NAN = math.nan
+# Scorers whose score is a fraud probability (the rest rank users on their own scales).
+PROBABILITY_SCORERS = frozenset(
+    {
+        "transformer_supervised",
+        "transformer_combined",
+        "transformer_combined_without_aggregates",
+        "lightgbm",
+    }
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,6 +107,9 @@ class ScorerMetrics:
     f1_at_val_threshold: float  # F1 on these (test) users at that threshold
     recall_per_typology: dict[str, float] = field(default_factory=dict)
     budget_share: float = 0.01
+    # Mean squared error of the score read as a fraud probability (scorers whose score is one);
+    # ranking metrics cannot see a head that says 0.99 for accounts that are fraud 1 time in 3.
+    brier: float = NAN
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,13 +179,24 @@ def evaluate_scores(
     val_true: ArrayLike | None = None,
     ks: Sequence[int] = (10, 50, 100),
     budget_share: float = 0.01,
+    probability: bool = False,
 ) -> ScorerMetrics:
     """Metrics of one scorer on one set of (test) users.
 
     The threshold is chosen on the validation users only (F1-maximising) and then applied to
     these users. precision@k is NaN when fewer than k users exist. A NaN score ranks last.
+    ``probability``: the score is a fraud probability, so its Brier score means something
+    (users without a score are left out of it).
     """
-    from sklearn.metrics import average_precision_score, roc_auc_score
+    from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
+    brier = NAN
+    if probability:
+        raw = np.asarray(scores, dtype=np.float64).ravel()
+        known = np.isfinite(raw)
+        truth = (np.nan_to_num(np.asarray(y_true, dtype=np.float64).ravel()) > 0)[known]
+        if known.any():
+            brier = float(brier_score_loss(truth, np.clip(raw[known], 0.0, 1.0)))
 
     y, s = _clean(y_true, scores)
     n, n_pos = len(y), int(y.sum())
@@ -217,6 +240,7 @@ def evaluate_scores(
         f1_at_val_threshold=f1,
         recall_per_typology=per_typology,
         budget_share=budget_share,
+        brier=brier,
     )
 
 
@@ -270,13 +294,14 @@ def metrics_table_markdown(rows: list[ScorerMetrics]) -> str:
     budgets = sorted({r.budget_share for r in rows})
     budget = f"{100 * budgets[0]:g}%" if len(budgets) == 1 else "budget"
     header = ["Scorer", "AUPRC", "AUROC", *[f"P@{k}" for k in ks]]
-    header += [f"Recall@{budget}", f"Precision@{budget}", "F1 @ val threshold", "Users", "Positive"]
+    header += [f"Recall@{budget}", f"Precision@{budget}", "F1 @ val threshold", "Brier"]
+    header += ["Users", "Positive"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for r in rows:
         cells = [r.name, _fmt(r.auprc), _fmt(r.auroc)]
         cells += [_fmt(r.precision_at_k.get(k, NAN)) for k in ks]
         cells += [_fmt(r.recall_at_budget), _fmt(r.precision_at_budget)]
-        cells += [_fmt(r.f1_at_val_threshold), str(r.n_users), str(r.n_positive)]
+        cells += [_fmt(r.f1_at_val_threshold), _fmt(r.brier), str(r.n_users), str(r.n_positive)]
         lines.append("| " + " | ".join(cells) + " |")
     typologies = sorted({t for r in rows for t in r.recall_per_typology})
     if typologies:
@@ -574,6 +599,7 @@ def _metrics_for(
                 val_scores=val[0][name] if val else None,
                 val_true=val[1] if val else None,
                 budget_share=budget_share,
+                probability=name in PROBABILITY_SCORERS,
             )
         )
     return rows

@@ -77,6 +77,11 @@ class BehaviorConfig(PreTrainedConfig):
     sequence_loss_weight: float | int = 1.0
     # Set by fine-tuning: only then is the sequence head's probability a score worth showing.
     has_supervised_head: bool = False
+    # Platt scaling of the head (see core.train.calibrate_head): sequence_logit is
+    # head_logit_scale * head output + head_logit_bias. Fine-tuning draws a few legit windows
+    # per fraud one and up-weights fraud, so the raw head overstates fraud; (1, 0) = as trained.
+    head_logit_scale: float | int = 1.0
+    head_logit_bias: float | int = 0.0
     initializer_range: float = 0.02
     layer_norm_epsilon: float = 1e-5
 
@@ -148,7 +153,7 @@ class BehaviorOutput(ModelOutput):
     surprisal: torch.Tensor | None = None  # [B, L], 0 at padding
     field_nll: torch.Tensor | None = None  # [B, L, F] weighted; 0 at padding and absent fields
     field_logits: tuple[torch.Tensor, ...] | None = None  # per field [B, L, V_f], config order
-    sequence_logit: torch.Tensor | None = None  # [B]: fraud logit
+    sequence_logit: torch.Tensor | None = None  # [B]: fraud logit, after the head's calibration
     hidden_states: torch.Tensor | None = None  # [B, L, H]: each event after the decoder
     pooled: torch.Tensor | None = None  # [B, 2H]: masked mean ‖ max, the sequence head's input
 
@@ -257,6 +262,10 @@ class BehaviorModel(PreTrainedModel):
 
         pooled = _masked_mean_max(events, mask)
         sequence_logit = self.sequence_head(self.sequence_dropout(pooled)).squeeze(-1).float()
+        if self.config.head_logit_scale != 1.0 or self.config.head_logit_bias != 0.0:
+            sequence_logit = (
+                self.config.head_logit_scale * sequence_logit + self.config.head_logit_bias
+            )
 
         field_nll = surprisal = nll_loss = loss = None
         if targets is not None:

@@ -84,15 +84,17 @@ def test_the_whole_flow_on_a_tiny_world(env: Path) -> None:
     assert "unparseable timestamp" in result.output and "negative price" in result.output
 
     result = invoke(
-        "train", "--size", "tiny", "--epochs", "1", "--max-windows", "20", "--every-fraud-window"
-    )
+        "train", "--size", "tiny", "--epochs", "1", "--max-windows", "20", "--every-fraud-window",
+        "--raw-head",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     found = re.search(r"^model (\S+) saved to ", result.stdout, re.MULTILINE)
     assert found, result.output
     model_id = found.group(1)
     assert (env / "models" / model_id / "config.json").exists()
     train_config = json.loads((env / "models" / model_id / "train_config.json").read_text())
-    assert train_config["witness_windows"] is False
+    assert train_config["witness_windows"] is False and train_config["calibrate_head"] is False
+    assert "head_calibration" not in result.stdout  # --raw-head: not even tried
     assert re.search(r"^\s+n_train_windows\s+20$", result.stdout, re.MULTILINE), result.output
 
     result = invoke("score")

@@ -126,6 +126,19 @@ def test_degenerate_inputs_give_nan_without_raising() -> None:
         evaluate_scores("bug", [0, 1], [0.5])  # a length mismatch is a bug, not degenerate
 
 
+def test_brier_is_scored_for_probabilities_only_and_skips_missing_scores() -> None:
+    y = [1, 0, 0, 1, 0]
+    p = [0.9, 0.2, np.nan, 0.4, 0.0]
+    got = evaluate_scores("head", y, p, probability=True)
+    # by hand over the four users with a score: (0.1^2 + 0.2^2 + 0.6^2 + 0) / 4
+    assert got.brier == pytest.approx((0.01 + 0.04 + 0.36 + 0.0) / 4)
+    assert math.isnan(evaluate_scores("iforest", y, [3.0, -1.0, 2.0, 7.0, 0.5]).brier)
+    # an overconfident head with the same ranking ranks the same and scores worse
+    sure = evaluate_scores("sure", y, [0.99, 0.9, 0.5, 0.98, 0.8], probability=True)
+    fair = evaluate_scores("fair", y, [0.7, 0.2, 0.1, 0.6, 0.15], probability=True)
+    assert sure.auprc == fair.auprc and sure.brier > fair.brier
+
+
 def test_markdown_table_shows_scorers_side_by_side() -> None:
     a = evaluate_scores("iforest", Y, S, typologies=TYP, ks=(1, 3), budget_share=0.2)
     b = evaluate_scores("flat", np.zeros(10), S, ks=(1, 3), budget_share=0.2)

@@ -155,6 +155,22 @@ def test_save_load_round_trip_and_auto_classes(tmp_path) -> None:
         torch.testing.assert_close(after.field_nll, before.field_nll, rtol=0, atol=0)
 
 
+def test_head_calibration_maps_the_logit_and_survives_a_round_trip(tmp_path) -> None:
+    model = tiny()
+    fields = random_fields(3, 16, seed=5)
+    with torch.no_grad():
+        raw = model(fields).sequence_logit
+    model.config.head_logit_scale, model.config.head_logit_bias = 0.5, -2.0
+    with torch.no_grad():
+        calibrated = model(fields).sequence_logit
+    torch.testing.assert_close(calibrated, 0.5 * raw - 2.0)
+    model.save_pretrained(tmp_path)
+    loaded = BehaviorModel.from_pretrained(tmp_path).eval()
+    assert (loaded.config.head_logit_scale, loaded.config.head_logit_bias) == (0.5, -2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(fields).sequence_logit, calibrated)
+
+
 def test_field_loss_weights_scale_surprisal() -> None:
     fields = random_fields(2, 12, seed=2)
     with torch.no_grad():

@@ -680,7 +680,9 @@ def test_witness_positives_keeps_a_fraud_accounts_top_window_and_every_legit_one
     assert witness_positives(user_index, labels, logits).tolist() == [1, 3, 4, 5, 7]
 
 
-def _two_window_accounts(n_users: int, seed: int) -> tuple[object, np.ndarray, np.ndarray]:
+def _two_window_accounts(
+    n_users: int, seed: int, fraud_share: float = 0.3, decoy_share: float = 0.0
+) -> tuple[object, np.ndarray, np.ndarray]:
     """Two windows per account; a fraud account's fraud (event type 10) sits in one of them,
     its other window is drawn like a legit account's: the account label is right for one."""
     from core.sequences import Windows
@@ -689,11 +691,15 @@ def _two_window_accounts(n_users: int, seed: int) -> tuple[object, np.ndarray, n
     width, n_fields = 16, len(_PLANTED_FIELDS)
     n = 2 * n_users
     fields = rng.integers(FIRST_REAL, FIRST_REAL + 5, size=(n, width, n_fields))
-    fraud_user = rng.random(n_users) < 0.3
+    fraud_user = rng.random(n_users) < fraud_share
     planted_window = 2 * np.arange(n_users) + rng.integers(0, 2, n_users)
     planted = np.zeros(n, dtype=bool)
     planted[planted_window[fraud_user]] = True
-    fields[planted, rng.integers(0, width), F["event_type"]] = 10
+    # decoys: legit accounts showing the fraud's event too (the signal is not proof)
+    decoy = ~fraud_user & (rng.random(n_users) < decoy_share)
+    marked = planted.copy()
+    marked[planted_window[decoy]] = True
+    fields[marked, rng.integers(0, width), F["event_type"]] = 10
     windows = Windows(
         fields=fields.astype(np.int32),
         mask=np.ones((n, width), dtype=bool),
@@ -732,6 +738,62 @@ def test_finetuning_on_account_labels_learns_which_window_holds_the_fraud() -> N
     fraud_accounts = np.flatnonzero(y_test[::2] == 1)
     picked = 2 * fraud_accounts + np.argmax(logits.reshape(-1, 2)[fraud_accounts], axis=1)
     assert planted_test[picked].mean() >= 0.9
+
+
+def test_calibrating_the_head_brings_its_probabilities_back_to_the_accounts_odds() -> None:
+    """Fine-tuning balances the classes, so the head overstates fraud where fraud is rare; Platt
+    scaling on validation accounts (fraud 5%, a legit account in 10 showing the fraud's event)
+    must lower the log loss on other accounts drawn the same way, and keep their order."""
+    from sklearn.metrics import log_loss
+
+    from core.model import BehaviorConfig, BehaviorModel
+    from core.train import calibrate_head, finetune
+
+    torch.manual_seed(0)
+    model = BehaviorModel(
+        BehaviorConfig.from_size("tiny", dict.fromkeys(_PLANTED_FIELDS, 12), max_len=32)
+    )
+    train, y_train, _ = _two_window_accounts(200, seed=0, decoy_share=0.1)
+    cfg = TrainConfig(
+        size="tiny", batch_size=16, supervised_epochs=8, supervised_learning_rate=3e-3,
+        finetune_nll_weight=0.1,
+    )  # fmt: skip
+    cpu = torch.device("cpu")
+    finetune(model, train, y_train, cfg, device=cpu, progress=False)
+
+    def account_logits(windows: object) -> np.ndarray:
+        model.eval()
+        with torch.no_grad():
+            logits = model(fields=torch.from_numpy(windows.fields.astype(np.int64))).sequence_logit
+        return logits.numpy().reshape(-1, 2).max(axis=1)  # scoring's max over windows
+
+    val, y_val, _ = _two_window_accounts(600, seed=1, fraud_share=0.05, decoy_share=0.1)
+    test, y_test, _ = _two_window_accounts(600, seed=2, fraud_share=0.05, decoy_share=0.1)
+    raw = account_logits(test)
+    fitted = calibrate_head(model, val, y_val, batch_size=16, device=cpu)
+    assert fitted["head_calibration"] == "platt"
+    assert model.config.head_logit_scale == pytest.approx(fitted["head_logit_scale"], abs=1e-4)
+    assert model.config.head_logit_bias == pytest.approx(fitted["head_logit_bias"], abs=1e-4)
+    calibrated = account_logits(test)
+    np.testing.assert_allclose(
+        calibrated,
+        model.config.head_logit_scale * raw + model.config.head_logit_bias,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    y = y_test[::2]
+    sigmoid = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    # the raw head says fraud far more often than the 5% there is
+    assert sigmoid(raw).mean() > 2 * y.mean()
+    assert log_loss(y, sigmoid(calibrated)) < 0.8 * log_loss(y, sigmoid(raw))
+    assert roc_auc_score(y, calibrated) == pytest.approx(roc_auc_score(y, raw))
+
+    # too few fraud accounts to fit on: the head is left as trained, not half-calibrated
+    few, y_few, _ = _two_window_accounts(40, seed=3, fraud_share=0.05)
+    assert 0 < y_few[::2].sum() < 5
+    skipped = calibrate_head(model, few, y_few, batch_size=16, device=cpu)
+    assert str(skipped["head_calibration"]).startswith("skipped")
+    assert (model.config.head_logit_scale, model.config.head_logit_bias) == (1.0, 0.0)
 
 
 def test_finetuning_without_validation_labels_of_both_kinds_says_it_could_not_stop_early() -> None:
