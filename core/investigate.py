@@ -329,7 +329,12 @@ def header_metrics(head: UserHeader) -> list[tuple[str, str, str]]:
     return [
         ("Score", fmt(head.score, ".2f"), "Combined score over the full history, in [0, 1]."),
         ("Percentile", fmt(head.percentile, ".1%"), "Unsupervised score vs the training users."),
-        ("Supervised", fmt(head.score_supervised, ".2f"), "The fraud-probability head."),
+        (
+            "Supervised",
+            fmt(head.score_supervised, ".2f"),
+            "Fraud probability from the sequence head (its highest window), Platt-calibrated "
+            "on the model's validation users when it was trained.",
+        ),
         (
             "Account model",
             fmt(head.score_aggregate, ".2f"),
