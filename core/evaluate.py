@@ -27,6 +27,7 @@ NAN = math.nan
 PROBABILITY_SCORERS = frozenset(
     {
         "transformer_supervised",
+        "transformer_supervised_uncalibrated",
         "transformer_combined",
         "transformer_combined_without_aggregates",
         "lightgbm",
@@ -553,6 +554,14 @@ def _tuned(
     return chosen
 
 
+def uncalibrated_probability(calibrated: np.ndarray, scale: float, bias: float) -> np.ndarray:
+    """The head's probability before its Platt scaling (``scale * logit + bias``), undone in
+    the logit; probabilities that rounded to 0 or 1 stay at the ends."""
+    p = np.clip(np.asarray(calibrated, dtype=np.float64), 1e-12, 1.0 - 1e-12)
+    raw = (np.log(p) - np.log1p(-p) - bias) / scale
+    return np.asarray(1.0 / (1.0 + np.exp(-raw)), dtype=np.float64)
+
+
 def _score_all(
     con: duckdb.DuckDBPyConnection, fitted: _FittedScorers, users: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -567,6 +576,12 @@ def _score_all(
     }
     if loaded.supervised:
         scores["transformer_supervised"] = frame["score_supervised"].to_numpy(float)
+        config = loaded.model.config
+        if config.head_logit_scale != 1.0 or config.head_logit_bias != 0.0:
+            # same ranking: the Brier column says what the calibration did on unseen users
+            scores["transformer_supervised_uncalibrated"] = uncalibrated_probability(
+                scores["transformer_supervised"], config.head_logit_scale, config.head_logit_bias
+            )
         scores["transformer_combined"] = frame["score"].to_numpy(float)
         if loaded.aggregate is not None:
             # what the transformer's two scores give without the account-level model: the

@@ -139,6 +139,25 @@ def test_brier_is_scored_for_probabilities_only_and_skips_missing_scores() -> No
     assert sure.auprc == fair.auprc and sure.brier > fair.brier
 
 
+def test_uncalibrated_probability_undoes_the_heads_platt_scaling() -> None:
+    import torch
+
+    from core.evaluate import uncalibrated_probability
+    from core.model import BehaviorConfig, BehaviorModel
+
+    torch.manual_seed(0)
+    model = BehaviorModel(BehaviorConfig.from_size("tiny", {"event_type": 12}, max_len=16)).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.sequence_head.weight, std=0.3)  # logits of a few units
+    fields = torch.randint(2, 12, (32, 8, 1))
+    with torch.no_grad():
+        raw = torch.sigmoid(model(fields).sequence_logit).numpy()
+        model.config.head_logit_scale, model.config.head_logit_bias = 0.7, -1.8
+        calibrated = torch.sigmoid(model(fields).sequence_logit).numpy()
+    assert np.abs(calibrated - raw).max() > 0.05  # the map did something
+    np.testing.assert_allclose(uncalibrated_probability(calibrated, 0.7, -1.8), raw, atol=1e-5)
+
+
 def test_markdown_table_shows_scorers_side_by_side() -> None:
     a = evaluate_scores("iforest", Y, S, typologies=TYP, ks=(1, 3), budget_share=0.2)
     b = evaluate_scores("flat", np.zeros(10), S, ks=(1, 3), budget_share=0.2)
