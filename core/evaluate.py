@@ -559,7 +559,7 @@ def uncalibrated_probability(calibrated: np.ndarray, scale: float, bias: float) 
     the logit; probabilities that rounded to 0 or 1 stay at the ends."""
     p = np.clip(np.asarray(calibrated, dtype=np.float64), 1e-12, 1.0 - 1e-12)
     raw = (np.log(p) - np.log1p(-p) - bias) / scale
-    return np.asarray(1.0 / (1.0 + np.exp(-raw)), dtype=np.float64)
+    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * raw)), dtype=np.float64)  # sigmoid, no overflow
 
 
 def _score_all(

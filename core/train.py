@@ -389,7 +389,7 @@ def calibrate_head(
             "rank validation fraud above legit); the head's probabilities are as trained"
         }
     model.config.head_logit_scale, model.config.head_logit_bias = scale, bias
-    raw_p = 1.0 / (1.0 + np.exp(-x[:, 0]))
+    raw_p = 0.5 * (1.0 + np.tanh(0.5 * x[:, 0]))  # sigmoid, no overflow
     return {
         "head_calibration": "platt",
         "head_logit_scale": round(scale, 4),
