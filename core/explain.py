@@ -9,8 +9,19 @@ score the analyst sees:
 - ``unsupervised``: the field-wise typicality score of core.scoring (standardised per-field
   surprisal, averaged over events, its norm times sqrt(n)).
 
-The baseline is a *neutral event*: every field "absent" (the embedding of an event about which
-nothing is known) at each real position; padding stays padding.
+The baseline, at each real position (padding stays padding):
+
+- supervised: the training population's *typical event*, each field at its commonest value
+  (``ScoreReference.typical_event``). An event is then credited for how it differs from what
+  users usually do, not for being an event at all: against a baseline of "nothing known" every
+  purchase carried the credit purchases earn across all kinds of fraud, and a takeover's
+  ordinary purchases before the takeover outranked the new-device login and card that mark it.
+  Measured on three simulated worlds (attribution order alone, 25 users per typology,
+  `benchmarks/bench_explain.py`): hit-rate@5 0.767 -> 0.818 on the demo, 0.634 -> 0.703 and
+  0.776 -> 0.853 on two unseen seeds. Models saved without a typical event use the neutral one.
+- unsupervised: a *neutral event*, every field "absent" (the embedding of an event about which
+  nothing is known), where the target is exactly 0 (see below); a typical event has its own
+  surprisal in every context, so it is no zero point for a score made of surprisal.
 
 Why the unsupervised target needs one extra step: in a causal model an event's embedding only
 shapes the predictions of *later* events, while its own surprisal is computed from what came
@@ -62,6 +73,9 @@ from core.scoring import DEFAULT_UNSUPERVISED_WEIGHT, LoadedModel, combine_score
 from core.sequences import ABSENT, FLAG_SEEN, PAD, EncodedEvents, make_windows
 
 Target = Literal["auto", "supervised", "unsupervised"]
+
+TYPICAL_BASELINE = "typical event (each field at its commonest value among the training events)"
+NEUTRAL_BASELINE = "neutral event (every field absent)"
 
 # How analysts read each model field (per-field bar chart, summaries).
 FIELD_LABELS: dict[str, str] = {
@@ -120,7 +134,7 @@ class Attribution:
     per_field: np.ndarray  # float64 [n, n_fields]
     field_names: list[str]
     target_value: float  # the target at the input (logit or typicality score)
-    baseline_value: float  # the target at the neutral baseline
+    baseline_value: float  # the target at the baseline (see ``baseline``)
     delta: float  # Captum's convergence delta: sum(attr) - (target - baseline)
     n_events_total: int  # events of the user in the range (the window may hold fewer)
     settings: ExplainSettings = field(default_factory=ExplainSettings)
@@ -133,6 +147,7 @@ class Attribution:
     deletion_path: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float64))
     # The range's first instant: window events before it are context (see the module's doc).
     range_start: np.datetime64 | None = None
+    baseline: str = NEUTRAL_BASELINE  # what the attributions are relative to
     # int [n, n_fields]: the window's encoded field values (which flags were on).
     fields: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
 
@@ -252,7 +267,7 @@ class Attribution:
         return {
             "attribution": "LayerIntegratedGradients",
             "layers": [f"field_embeddings.{f}" for f in self.field_names],
-            "baseline": "neutral event (every field absent)",
+            "baseline": self.baseline,
             "integration": settings.pop("method"),
             **settings,
             "ranking": (
@@ -511,7 +526,7 @@ def _attribute(
     mask = torch.ones(fields.shape[:2], dtype=torch.bool, device=device)
     in_range = _in_range(encoded.ts, range_start)
     scored = torch.from_numpy(in_range[rows])[None].to(device)
-    baseline = torch.where(fields == PAD, fields, torch.full_like(fields, ABSENT))
+    baseline, baseline_name = _baseline(loaded, fields, target)
     func = _TargetFunction(loaded, target)
     layers = list(model.field_embeddings.values())
     with warnings.catch_warnings():
@@ -553,7 +568,23 @@ def _attribute(
         deletion_path=path,
         range_start=range_start,
         fields=encoded.fields[rows].astype(np.int64),
+        baseline=baseline_name,
     )
+
+
+def _baseline(
+    loaded: LoadedModel, fields: torch.Tensor, target: Literal["supervised", "unsupervised"]
+) -> tuple[torch.Tensor, str]:
+    """The integration's starting point for ``fields`` [1, L, F] and what to call it (see the
+    module's doc): the typical event for the supervised target when the model has one, else
+    the neutral event; padding stays padding."""
+    typical = list(getattr(loaded.reference, "typical_event", []) or [])
+    if target == "supervised" and len(typical) == fields.shape[-1]:
+        value = torch.tensor(typical, dtype=fields.dtype, device=fields.device).expand_as(fields)
+        name = TYPICAL_BASELINE
+    else:
+        value, name = torch.full_like(fields, ABSENT), NEUTRAL_BASELINE
+    return torch.where(fields == PAD, fields, value), name
 
 
 def _integrate(

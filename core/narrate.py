@@ -394,7 +394,8 @@ def _group_name(g: GroupFact, whose: str = "its") -> str:
         span = f"on {g.first_ts:%Y-%m-%d} from {g.first_ts:%H:%M} to {g.last_ts:%H:%M}"
     else:
         span = f"from {_when(g.first_ts)} to {_when(g.last_ts)}"
-    return f"one session {span} ({g.n_events:,} {'event' if g.n_events == 1 else 'events'})"
+    # "a", not "one": a spelled count must be a number in the facts, and there may be no 1.
+    return f"a session {span} ({g.n_events:,} {'event' if g.n_events == 1 else 'events'})"
 
 
 def _groups_owner(facts: Facts) -> str:

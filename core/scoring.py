@@ -75,6 +75,16 @@ _TIE_TOLERANCE = 1e-6
 REFERENCE_FILE = "score_reference.json"
 
 
+def typical_event(fields: np.ndarray) -> list[int]:
+    """The commonest token of each field over encoded events ([n, n_fields]); ties go to the
+    lower token. Fields are counted apart, so the result need not be an event anyone logged:
+    it is a reference point (each field at its usual value), not a sample."""
+    if len(fields) == 0:
+        return []
+    counts = (np.bincount(column.astype(np.int64)) for column in np.asarray(fields).T)
+    return [int(c.argmax()) for c in counts]
+
+
 @dataclass
 class ScoreReference:
     """What the training population looked like: per-field surprisal statistics (to
@@ -90,6 +100,10 @@ class ScoreReference:
     # cosine similarity compares how users differ from the population (raw pooled states all
     # point the same way and every pair scores ~0.99). Empty for models trained before.
     embedding_mean: list[float] = field(default_factory=list)
+    # The training events' commonest token of each field: the supervised attribution's
+    # baseline (core.explain), so an event is credited for how it differs from what users
+    # typically do. Empty for models trained before: the neutral (absent) event then.
+    typical_event: list[int] = field(default_factory=list)
 
     def percentile(self, raw: np.ndarray) -> np.ndarray:
         """Share of training users scoring below ``raw``, ties counted half (mid-rank).
@@ -134,7 +148,11 @@ class ScoreReference:
 
     @classmethod
     def fit(
-        cls, field_nll: np.ndarray, offsets: np.ndarray, embedding: np.ndarray | None = None
+        cls,
+        field_nll: np.ndarray,
+        offsets: np.ndarray,
+        embedding: np.ndarray | None = None,
+        fields: np.ndarray | None = None,
     ) -> ScoreReference:
         mean = field_nll.mean(axis=0).astype(float)
         std = np.maximum(field_nll.std(axis=0), 1e-3).astype(float)
@@ -149,6 +167,7 @@ class ScoreReference:
             mean=float(scores.mean()),
             std=float(scores.std()),
             embedding_mean=[] if embedding is None else embedding.mean(axis=0).tolist(),
+            typical_event=[] if fields is None else typical_event(fields),
         )
 
 
@@ -348,7 +367,9 @@ def fit_score_reference(
     device: torch.device,
 ) -> ScoreReference:
     scores = score_encoded(model, encoded, max_len=cfg.max_len, device=device)
-    return ScoreReference.fit(scores.field_nll, encoded.offsets, scores.embedding)
+    return ScoreReference.fit(
+        scores.field_nll, encoded.offsets, scores.embedding, fields=encoded.fields
+    )
 
 
 def register_model(

@@ -226,7 +226,8 @@ def render(
         st.caption(
             f"Integrated gradients ({att.settings.n_steps} steps) of the "
             f"{'supervised fraud logit' if att.target == 'supervised' else 'typicality score'} "
-            f"over {window}, against a neutral event; convergence delta {att.delta:.3g}."
+            f"over {window}, against a {att.baseline.split(' (')[0]} at every position; "
+            f"convergence delta {att.delta:.3g}."
             + (
                 f" The {att.n_context} events before the range were read as context only"
                 " (what the model knew when the range began), not ranked; they carry"

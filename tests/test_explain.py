@@ -12,6 +12,8 @@ import torch
 
 from core import store
 from core.explain import (
+    NEUTRAL_BASELINE,
+    TYPICAL_BASELINE,
     ExplainSettings,
     counterfactual,
     displayed_scores,
@@ -19,7 +21,7 @@ from core.explain import (
     resolve_target,
     window_target_scores,
 )
-from core.scoring import LoadedModel, combine_scores, load_model, score_users
+from core.scoring import LoadedModel, ScoreReference, combine_scores, load_model, score_users
 from core.sequences import ABSENT, PAD, add_accounts_before, load_events
 from tests.conftest import DemoEnv
 
@@ -70,6 +72,53 @@ def test_attributions_are_complete_per_event_and_field(
     assert top["attribution"].iloc[5:].is_monotonic_decreasing
     assert sorted(att.order.tolist()) == list(range(att.n_events))
     assert att.method_settings()["n_steps"] == 48
+
+
+def test_supervised_attributions_start_from_the_typical_event(
+    demo_env: DemoEnv, loaded: LoadedModel, fraud_users: list[str]
+) -> None:
+    """The supervised target integrates from the training events' typical event: every field
+    at its commonest value (counted here with pandas, apart from the code under test), so a
+    field already at its usual value gets no credit at all, and the attributions add up to the
+    logit minus the logit of a window of typical events."""
+    with store.open_db(demo_env.db_path, read_only=True) as con:
+        everything = loaded.featurizer.transform(load_events(con)).fields
+    commonest = [
+        int(pd.Series(everything[:, j]).value_counts().sort_index(kind="stable").idxmax())
+        for j in range(everything.shape[1])
+    ]
+    assert loaded.reference.typical_event == commonest
+
+    events = _events(demo_env, fraud_users[2])
+    att = explain_events(loaded, events, ExplainSettings(n_steps=32, target="supervised"))
+    assert att.baseline == TYPICAL_BASELINE == att.method_settings()["baseline"]
+    usual = att.fields == np.asarray(commonest)[None, :]
+    assert usual.sum() > att.n_events  # plenty of fields at their usual value
+    assert np.all(att.per_field[usual] == 0.0)
+    assert np.abs(att.per_field[~usual]).max() > 0
+    typical = torch.tensor(commonest).expand(1, att.n_events, len(commonest))
+    with torch.no_grad():
+        logit = loaded.model(
+            fields=typical, attention_mask=torch.ones(1, att.n_events, dtype=torch.bool)
+        ).sequence_logit
+    assert att.baseline_value == pytest.approx(float(logit[0]), abs=1e-4)
+    gap = att.target_value - att.baseline_value
+    assert abs(att.per_field.sum() - gap) <= abs(att.delta) + 1e-3 * max(1.0, abs(gap))
+
+    # The unsupervised target, and a model saved before the typical event was stored, start
+    # from the neutral event: there the absent fields are the ones without credit.
+    old = LoadedModel(
+        **{
+            **loaded.__dict__,
+            "reference": ScoreReference(**{**loaded.reference.__dict__, "typical_event": []}),
+        }  # fmt: skip
+    )
+    for model, target in ((loaded, "unsupervised"), (old, "supervised")):
+        neutral = explain_events(model, events, ExplainSettings(n_steps=8, target=target))  # type: ignore[arg-type]
+        assert neutral.baseline == NEUTRAL_BASELINE
+        absent = neutral.fields == ABSENT
+        assert np.all(neutral.per_field[absent] == 0.0)
+        assert np.abs(neutral.per_field[usual & ~absent]).max() > 0
 
 
 def _hand_rolled_ig(loaded: LoadedModel, fields: torch.Tensor, steps: int) -> np.ndarray:

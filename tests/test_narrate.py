@@ -1048,7 +1048,7 @@ def test_the_behaviour_sentence_names_the_group_whose_removal_matters_most() -> 
     # a session is named by its time span; on a long history the groups are the window's
     session_only = make_facts(behaviour=(BURST,))
     assert behaviour_sentence(session_only).startswith(
-        "One session on 2024-03-05 from 13:58 to 14:31 (61 events) carries 70%"
+        "A session on 2024-03-05 from 13:58 to 14:31 (61 events) carries 70%"
     )
     windowed = make_facts(
         behaviour=(VIEWS,), counterfactual=replace(FACTS.counterfactual, window_events=128)

@@ -23,6 +23,7 @@ from core.scoring import (
     load_model,
     score_encoded,
     score_users,
+    typical_event,
     typicality_scores,
 )
 from core.sequences import ABSENT, FIELDS, FIRST_REAL, UNK, load_events
@@ -158,6 +159,23 @@ def test_percentile_counts_ties_half_and_ignores_float_noise() -> None:
     np.testing.assert_allclose(ref.percentile(np.array([2.0 * (1 + 5e-7)])), [0.55])
     np.testing.assert_allclose(ref.percentile(np.array([0.5, 3.0, 9.0])), [0.0, 0.8, 1.0])
     np.testing.assert_allclose(ref.percentile(np.array([4.0])), [0.9])
+
+
+def test_typical_event_is_each_fields_commonest_token_and_old_references_load(
+    tmp_path: Path,
+) -> None:
+    fields = np.array([[5, 1, 7], [5, 4, 7], [6, 4, 1], [6, 1, 1], [5, 9, 1]])
+    # field 0: 5 thrice; field 1: 1 and 4 twice each, the lower wins; field 2: 1 thrice
+    assert typical_event(fields) == [5, 1, 1]
+    assert typical_event(np.zeros((0, 3), dtype=np.int64)) == []
+    ref = ScoreReference.fit(np.ones((5, 3)), np.array([0, 2, 5]), fields=fields)
+    assert ref.typical_event == [5, 1, 1]
+    # a reference saved before the typical event was stored loads without one
+    ref.save(tmp_path)
+    saved = json.loads((tmp_path / "score_reference.json").read_text())
+    del saved["typical_event"]
+    (tmp_path / "score_reference.json").write_text(json.dumps(saved))
+    assert ScoreReference.load(tmp_path).typical_event == []
 
 
 def test_a_resaved_model_directory_scores_identically(demo_env, tmp_path: Path) -> None:
