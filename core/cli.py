@@ -817,6 +817,13 @@ def explain(
     target: Annotated[
         str, typer.Option(help="Score to explain: auto, supervised or unsupervised.")
     ] = "auto",
+    baseline: Annotated[
+        str,
+        typer.Option(
+            help="What the fraud logit's attributions start from: typical (each field at its "
+            "commonest value in training) or absent (every field unknown)."
+        ),
+    ] = "typical",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     db: DbOption = None,
 ) -> None:
@@ -824,12 +831,14 @@ def explain(
     check, linked accounts and a grounded summary."""
     from core import alerts
     from core.evidence import explain_user
-    from core.explain import ExplainSettings
+    from core.explain import BASELINES, ExplainSettings
     from core.narrate import BACKENDS, make_narrator, narrate
     from core.oom import AcceleratorOutOfMemory
 
     if target not in EXPLAIN_TARGETS:
         raise _fail(f"--target must be one of {', '.join(EXPLAIN_TARGETS)}, not {target!r}", 2)
+    if baseline not in BASELINES:
+        raise _fail(f"--baseline must be one of {', '.join(BASELINES)}, not {baseline!r}", 2)
     if backend is not None and backend not in BACKENDS:
         raise _fail(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}", 2)
     start_ts, end_ts = _parse_ts(start, "--start"), _parse_ts(end, "--end")
@@ -869,6 +878,7 @@ def explain(
                 n_steps=steps,
                 internal_batch_size=internal_batch_size,
                 target=target,  # type: ignore[arg-type]
+                baseline=baseline,  # type: ignore[arg-type]
             ),
             read_only=True,
         )

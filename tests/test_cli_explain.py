@@ -193,6 +193,8 @@ def test_without_a_model_or_with_bad_options_it_says_what_to_do(
     assert result.exit_code == 2 and "--backend must be one of" in result.output
     result = invoke("u000001", "--db", str(demo_env.db_path), "--target", "both")
     assert result.exit_code == 2 and "--target must be one of" in result.output
+    result = invoke("u000001", "--db", str(demo_env.db_path), "--baseline", "zero")
+    assert result.exit_code == 2 and "--baseline must be one of" in result.output
     # openai-compatible without its URL is a usage error, found before any attribution.
     result = invoke("u000001", "--db", str(demo_env.db_path), "--backend", "openai-compatible")
     assert result.exit_code == 2 and "FRAUDLENS_LLM_BASE_URL" in result.output
@@ -289,3 +291,31 @@ def test_a_ranged_explanation_reads_the_events_before_it_as_context(demo_env: De
     inside = {e["event_id"] for e in att["events"] if not e["context"]}
     assert set(att["ranking"]) == inside
     assert all(e["ts"] >= str(start) for e in att["events"] if not e["context"])
+
+
+def test_baseline_option_reaches_the_attributions(
+    demo_env: DemoEnv, fraud_user: tuple[str, set[int]]
+) -> None:
+    """The fraud logit is explained from the typical event unless --baseline absent asks for
+    the neutral one; both add up to the logit's change from their own starting point."""
+    from core.explain import NEUTRAL_BASELINE, TYPICAL_BASELINE
+
+    user, _ = fraud_user
+    runs = {}
+    for option in ("typical", "absent"):
+        result = invoke(
+            user, "--db", str(demo_env.db_path), "--json", "--steps", "16",
+            "--target", "supervised", "--baseline", option,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        runs[option] = json.loads(result.stdout)
+    assert runs["typical"]["method"]["baseline"] == TYPICAL_BASELINE
+    assert runs["absent"]["method"]["baseline"] == NEUTRAL_BASELINE
+    typical, absent = (runs[o]["attribution"] for o in ("typical", "absent"))
+    assert typical["target_value"] == absent["target_value"]
+    assert typical["baseline_value"] != absent["baseline_value"]
+    for run in runs.values():
+        att = run["attribution"]
+        total = sum(e["attribution"] for e in att["events"])
+        gap = att["target_value"] - att["baseline_value"]
+        assert abs(total - gap) <= run["method"]["convergence_delta"] + 1e-3 * max(1.0, abs(gap))
