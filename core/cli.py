@@ -974,7 +974,8 @@ def _print_explanation(explanation: Explanation, summary: Summary, threshold_sou
     method = att.method_settings()
     typer.echo(
         f"attribution  {att.n_events} of {att.n_events_total} events explained, target "
-        f"{att.target}, {method['n_steps']} steps, convergence delta {att.delta:.2e}"
+        f"{att.target}, {method['n_steps']} steps from a {method['baseline']}, "
+        f"convergence delta {att.delta:.2e}"
         + (
             f"; {att.n_context} earlier events read as context "
             f"({att.context_share:.0%} of the positive attribution)"

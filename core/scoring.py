@@ -75,13 +75,28 @@ _TIE_TOLERANCE = 1e-6
 REFERENCE_FILE = "score_reference.json"
 
 
-def typical_event(fields: np.ndarray) -> list[int]:
-    """The commonest token of each field over encoded events ([n, n_fields]); ties go to the
-    lower token. Fields are counted apart, so the result need not be an event anyone logged:
-    it is a reference point (each field at its usual value), not a sample."""
-    if len(fields) == 0:
+def typical_event(fields: np.ndarray, offsets: np.ndarray | None = None) -> list[int]:
+    """The commonest token of each field over encoded events ([n, n_fields] tokens); ties go
+    to the lower token. With ``offsets`` (user i's events are rows offsets[i]:offsets[i+1])
+    each user weighs the same, however many events they logged: counted per event, one bot's
+    100k events would decide what "typical" means (on a 300-user sample of a simulated world
+    a single scraper set the typical category, gap and hour), and its own pattern would then
+    get no credit. Fields are counted apart, so the result need not be an event anyone
+    logged: it is a reference point (each field at its usual value), not a sample."""
+    fields = np.asarray(fields)
+    if fields.ndim != 2:
+        raise ValueError(f"fields must be [events, fields], got shape {fields.shape}")
+    if fields.shape[0] == 0 or fields.shape[1] == 0:
         return []
-    counts = (np.bincount(column.astype(np.int64)) for column in np.asarray(fields).T)
+    if not np.issubdtype(fields.dtype, np.integer) or fields.min() < 0:
+        raise ValueError("fields must be non-negative integer tokens")
+    weights = None
+    if offsets is not None:
+        lengths = np.diff(np.asarray(offsets, dtype=np.int64))
+        if lengths.sum() != fields.shape[0] or (lengths < 0).any():
+            raise ValueError("offsets do not partition the events")
+        weights = np.repeat(1.0 / np.maximum(lengths, 1), lengths)
+    counts = (np.bincount(column.astype(np.int64), weights=weights) for column in fields.T)
     return [int(c.argmax()) for c in counts]
 
 
@@ -100,7 +115,8 @@ class ScoreReference:
     # cosine similarity compares how users differ from the population (raw pooled states all
     # point the same way and every pair scores ~0.99). Empty for models trained before.
     embedding_mean: list[float] = field(default_factory=list)
-    # The training events' commonest token of each field: the supervised attribution's
+    # Each field's commonest token over the training users (each user weighing the same, see
+    # typical_event): the supervised attribution's
     # baseline (core.explain), so an event is credited for how it differs from what users
     # typically do. Empty for models trained before: the neutral (absent) event then.
     typical_event: list[int] = field(default_factory=list)
@@ -167,7 +183,7 @@ class ScoreReference:
             mean=float(scores.mean()),
             std=float(scores.std()),
             embedding_mean=[] if embedding is None else embedding.mean(axis=0).tolist(),
-            typical_event=[] if fields is None else typical_event(fields),
+            typical_event=[] if fields is None else typical_event(fields, offsets),
         )
 
 

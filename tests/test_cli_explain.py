@@ -89,7 +89,7 @@ def test_text_report_shows_events_counterfactual_and_summary(
     out = result.stdout
     assert f"user         {user}" in out
     assert "default threshold 0.90" in out  # nothing saved for the fixture's model
-    assert "16 steps" in out
+    assert "16 steps from a typical event" in out  # the supervised logit's baseline
     table = [line for line in out.splitlines() if re.match(r"^\s+\d+\s+\d{4}-\d\d-\d\d ", line)]
     assert len(table) == min(10, len(ids))
     # the fixture's model has a head: the first five rows show the fraud probability as the
@@ -135,7 +135,8 @@ def test_json_has_attributions_per_event_and_field_and_a_grounded_summary(
     assert all(len(e["per_field"]) == len(fields) for e in events)
     assert all(abs(sum(e["per_field"]) - e["attribution"]) < 1e-6 for e in events)
     # Completeness survives the trip to JSON: the attributions add up to the target's change
-    # from the neutral baseline, within the convergence delta reported beside them.
+    # from the neutral baseline (--target unsupervised), within the convergence delta reported
+    # beside them.
     total = sum(e["attribution"] for e in events)
     gap = att["target_value"] - att["baseline_value"]
     assert abs(total - gap) <= data["method"]["convergence_delta"] + 1e-3 * max(1.0, abs(gap))

@@ -77,15 +77,19 @@ def test_attributions_are_complete_per_event_and_field(
 def test_supervised_attributions_start_from_the_typical_event(
     demo_env: DemoEnv, loaded: LoadedModel, fraud_users: list[str]
 ) -> None:
-    """The supervised target integrates from the training events' typical event: every field
-    at its commonest value (counted here with pandas, apart from the code under test), so a
-    field already at its usual value gets no credit at all, and the attributions add up to the
-    logit minus the logit of a window of typical events."""
+    """The supervised target integrates from the training users' typical event: every field
+    at its commonest value, each user weighing the same (counted here with pandas, apart from
+    the code under test), so a field already at its usual value gets no credit at all, and the
+    attributions add up to the logit minus the logit of a window of typical events."""
     with store.open_db(demo_env.db_path, read_only=True) as con:
-        everything = loaded.featurizer.transform(load_events(con)).fields
+        events = load_events(con).to_pandas()
+    encoded = loaded.featurizer.transform(events)
+    tokens = pd.DataFrame(encoded.fields)
+    tokens["user"] = events.set_index("event_id").loc[encoded.event_ids, "user_id"].to_numpy()
+    share = 1.0 / tokens.groupby("user")["user"].transform("size")
     commonest = [
-        int(pd.Series(everything[:, j]).value_counts().sort_index(kind="stable").idxmax())
-        for j in range(everything.shape[1])
+        int(share.groupby(tokens[j]).sum().sort_index().idxmax())
+        for j in range(tokens.shape[1] - 1)
     ]
     assert loaded.reference.typical_event == commonest
 

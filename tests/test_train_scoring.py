@@ -165,11 +165,29 @@ def test_typical_event_is_each_fields_commonest_token_and_old_references_load(
     tmp_path: Path,
 ) -> None:
     fields = np.array([[5, 1, 7], [5, 4, 7], [6, 4, 1], [6, 1, 1], [5, 9, 1]])
-    # field 0: 5 thrice; field 1: 1 and 4 twice each, the lower wins; field 2: 1 thrice
+    # per event: field 0 is 5 thrice; field 1 has 1 and 4 twice each, the lower wins; field 2
+    # is 1 thrice
     assert typical_event(fields) == [5, 1, 1]
+    # per user: user A logged rows 0-3, user B row 4 alone. Each user weighs 1, so B's 5 / 9
+    # / 1 (weight 1) beat anything A has (weight 1/4 a row, 1/2 for two rows)
+    assert typical_event(fields, np.array([0, 4, 5])) == [5, 9, 1]
+    # A bot's 1,000 events win every field per event; per user the bot has one vote (8: 1)
+    # beside three users (rows 0-1, 2, 3-4): field 0 has 5: 1.5 and 6: 1.5 (the lower wins),
+    # field 1 4: 1.5, field 2 1: 2.
+    bot = np.vstack([np.full((1000, 3), 8), fields])
+    assert typical_event(bot) == [8, 8, 8]
+    assert typical_event(bot, np.array([0, 1000, 1002, 1003, 1005])) == [5, 4, 1]
     assert typical_event(np.zeros((0, 3), dtype=np.int64)) == []
-    ref = ScoreReference.fit(np.ones((5, 3)), np.array([0, 2, 5]), fields=fields)
-    assert ref.typical_event == [5, 1, 1]
+    for bad, offsets in (
+        (np.array([3, 4, 4]), None),  # one field's column, not [events, fields]
+        (np.array([[0.5, 1.0]]), None),  # not tokens
+        (np.array([[-1, 3]]), None),
+        (fields, np.array([0, 2])),  # offsets cover 2 of 5 events
+    ):
+        with pytest.raises(ValueError):
+            typical_event(bad, offsets)
+    ref = ScoreReference.fit(np.ones((5, 3)), np.array([0, 4, 5]), fields=fields)
+    assert ref.typical_event == [5, 9, 1]  # fitted per user, as training does
     # a reference saved before the typical event was stored loads without one
     ref.save(tmp_path)
     saved = json.loads((tmp_path / "score_reference.json").read_text())
