@@ -116,9 +116,9 @@ class ScoreReference:
     # point the same way and every pair scores ~0.99). Empty for models trained before.
     embedding_mean: list[float] = field(default_factory=list)
     # Each field's commonest token over the training users (each user weighing the same, see
-    # typical_event): the supervised attribution's
-    # baseline (core.explain), so an event is credited for how it differs from what users
-    # typically do. Empty for models trained before: the neutral (absent) event then.
+    # typical_event): the supervised attribution's baseline (core.explain), so an event is
+    # credited for how it differs from what users typically do. Empty for models trained
+    # before: the neutral (absent) event then.
     typical_event: list[int] = field(default_factory=list)
 
     def percentile(self, raw: np.ndarray) -> np.ndarray:

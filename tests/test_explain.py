@@ -123,6 +123,8 @@ def test_supervised_attributions_start_from_the_typical_event(
         absent = neutral.fields == ABSENT
         assert np.all(neutral.per_field[absent] == 0.0)
         assert np.abs(neutral.per_field[usual & ~absent]).max() > 0
+    with pytest.raises(ValueError, match="baseline must be one of typical, absent"):
+        ExplainSettings(baseline="zero")  # type: ignore[arg-type]
 
 
 def _hand_rolled_ig(loaded: LoadedModel, fields: torch.Tensor, steps: int) -> np.ndarray:
